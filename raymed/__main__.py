@@ -1,0 +1,5 @@
+import sys
+
+from raymed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""``raymed`` command line: run, report, data check, data synth.
+
+Errors in the user's input or environment print one line (``raymed: <kind>: <what and what to do>``)
+and exit with status 2; set ``RAYMED_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from raymed.errors import DataError, RaymedError, find_user_error
+
+console = Console(stderr=False)
+DEFAULT_COMPARISON = ("fedavg", "fedper")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raymed", description="Simulate federated learning of medical models on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federation (no CONFIG: the embedded default, FedAvg vs FedPer)")
+    run.add_argument("config", nargs="?", help="experiment YAML")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set clients.lr=0.01 (repeatable)")
+    run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rep = sub.add_parser("report", help="print a table of runs and plot each metric against rounds")
+    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("--out", default="raymed-report.png", help="PNG to write (default: %(default)s)")
+
+    data = sub.add_parser("data", help="MedMNIST files").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="which MedMNIST subsets are found, where, and whether their md5 holds")
+    check.add_argument("--root", help="look here first (as data.root)")
+    check.add_argument("--size", type=int, default=28)
+    synth = data.add_parser("synth", help="write synthetic stand-ins in the exact MedMNIST npz format")
+    synth.add_argument("flags", nargs="+")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--scale", type=float, default=0.1, help="fraction of the real split sizes (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_one(cfg, quiet: bool) -> Path:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from raymed.engine import run_experiment
+
+    with Progress(
+        TextColumn(f"[bold]{cfg.strategy.name}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=cfg.rounds, status="starting Ray and the client pool")
+
+        def on_start(info) -> None:
+            nodes = len({w["node_id"] for w in info["workers"]})
+            note = " [red]SYNTHETIC DATA[/red]" if info["synthetic"] else ""
+            dash = f", dashboard {info['dashboard']} (token auth on)" if info.get("dashboard") else ""
+            progress.console.print(f"{info['run_dir']}: {info['num_workers']} client workers on {nodes} node(s){dash}{note}")
+            progress.update(task, status="round 1")
+
+        def on_round(r: int, m: dict) -> None:
+            shown = [f"loss {m['train/loss']:.3f}"]
+            for key in ("global/mean/acc", "personal/client_mean/acc"):
+                if key in m:
+                    shown.append(f"{key.split('/')[0]} acc {m[key]:.3f}")
+            shown.append(f"{m['time/round_s']:.1f}s")
+            progress.update(task, advance=1, status=" · ".join(shown))
+
+        return run_experiment(cfg, on_round=on_round, on_start=on_start)
+
+
+def _embedded_default(overrides: list[str]) -> list:
+    """The default experiment on the real subsets found, else on synthetic stand-ins (said loudly)."""
+    from raymed.config import load_config
+    from raymed.data.medmnist_files import locate, write_synthetic
+
+    base = load_config(None, overrides)
+    found = []
+    for flag in base.data.datasets:
+        try:
+            locate(flag, base.data.size, base.data.root)
+            found.append(flag)
+        except DataError:
+            pass
+    extra = list(overrides)
+    if found:
+        extra.append(f"data.datasets=[{','.join(found)}]")
+        missing = set(base.data.datasets) - set(found)
+        if missing:
+            console.print(f"[yellow]not found, left out: {', '.join(sorted(missing))}[/yellow]")
+    else:
+        synthetic_dir = Path(base.output_dir) / ".synthetic-data"
+        for flag in base.data.datasets:
+            write_synthetic(flag, synthetic_dir, seed=base.seed)
+        extra.append(f"data.root={synthetic_dir}")
+        console.print(
+            "[bold red]No MedMNIST files found: running on SYNTHETIC stand-ins. These are not real results.[/bold red] "
+            "Set RAYMED_DATA_DIR to a folder of MedMNIST .npz files (`raymed data check` shows what is found)."
+        )
+    return [load_config(None, [*extra, f"strategy.name={name}"]) for name in DEFAULT_COMPARISON]
+
+
+def cmd_run(args) -> int:
+    from raymed.config import load_config
+    from raymed.results import report
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    configs = [load_config(args.config, overrides)] if args.config else _embedded_default(overrides)
+    run_dirs = [_run_one(cfg, args.quiet) for cfg in configs]
+    out = run_dirs[0].parent / ("comparison.png" if len(run_dirs) > 1 else f"{run_dirs[0].name}.png")
+    png = report(run_dirs, out, console)
+    console.print(f"results: {', '.join(str(d) for d in run_dirs)}; plot: {png}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raymed.results import report
+
+    png = report(args.runs, args.out, console)
+    console.print(f"plot: {png}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from medmnist import INFO
+    from rich.table import Table
+
+    from raymed.data.medmnist_files import file_name, locate
+
+    table = Table(title="MedMNIST files")
+    for col in ("flag", "status", "path"):
+        table.add_column(col)
+    found = 0
+    for flag in sorted(INFO):
+        try:
+            f = locate(flag, args.size, args.root)
+            status = "[yellow]synthetic[/yellow]" if f.synthetic else "[green]ok (md5 matches)[/green]"
+            table.add_row(flag, status, str(f.path))
+            found += 1
+        except DataError as exc:
+            status = "[red]corrupt[/red]" if "corrupt" in str(exc) else "missing"
+            table.add_row(flag, status, file_name(flag, args.size) if status == "missing" else str(exc).split(" is ")[0])
+    console.print(table)
+    from raymed.data.medmnist_files import search_dirs
+
+    console.print(f"{found} of {len(INFO)} found; searched {', '.join(str(d) for d in search_dirs(args.root))}")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from medmnist import INFO
+
+    from raymed.data.medmnist_files import write_synthetic
+
+    for flag in args.flags:
+        if flag not in INFO:
+            raise DataError(f"unknown MedMNIST flag {flag!r}; allowed: {', '.join(sorted(INFO))}")
+        path = write_synthetic(flag, args.out, scale=args.scale, seed=args.seed)
+        console.print(f"wrote {path} [yellow](synthetic)[/yellow]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": cmd_run, "report": cmd_report}
+    handler = handlers.get(args.command) or {"check": cmd_data_check, "synth": cmd_data_synth}[args.data_command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("raymed: interrupted; finished rounds are saved in the run folder", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user, never a bare traceback
+        if os.environ.get("RAYMED_DEBUG"):
+            raise
+        user = exc if isinstance(exc, RaymedError) else find_user_error(exc)
+        if user is not None:
+            print(f"raymed: {user.kind}: {user}", file=sys.stderr)
+            return 2
+        cause = getattr(exc, "cause", None) or exc  # Ray wraps remote errors; report the original
+        first = (str(cause).strip().splitlines() or [""])[0]
+        print(f"raymed: internal error: {type(cause).__name__}: {first} (rerun with RAYMED_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

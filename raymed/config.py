@@ -1,0 +1,258 @@
+"""Experiment configuration: YAML → validated, typed config (pydantic), with ``--set key.path=value``.
+
+Every section forbids unknown keys. :func:`validate_config` turns any problem into a one-line
+:class:`~raymed.errors.ConfigError` that names the key path, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raymed.errors import ConfigError
+
+PartitionScheme = Literal["iid", "dirichlet", "quantity", "modality"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    datasets: list[str] = Field(default_factory=lambda: ["pneumoniamnist", "breastmnist", "retinamnist"])
+    root: str | None = None
+    size: Literal[28, 64, 128, 224] = 28
+    download: bool = False
+    partition: PartitionScheme = "modality"
+    # dirichlet: label-skew concentration (default 0.5); quantity: size-skew concentration (default 1.0);
+    # modality: None = IID inside each modality, a number = Dirichlet label skew inside each modality.
+    alpha: float | None = Field(None, gt=0)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    min_examples: int = Field(2, ge=2)
+    max_train_per_dataset: int | None = Field(None, ge=1)
+    max_test_per_dataset: int | None = Field(None, ge=1)
+    cache_dir: str | None = None
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_flags(cls, flags: list[str]) -> list[str]:
+        from medmnist import INFO
+
+        if not flags:
+            raise ValueError("needs at least one MedMNIST flag")
+        for flag in flags:
+            if flag not in INFO:
+                close = difflib.get_close_matches(flag, INFO, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"unknown MedMNIST flag {flag!r}{hint}; allowed: {', '.join(sorted(INFO))}")
+        if len(set(flags)) != len(flags):
+            raise ValueError("lists a dataset twice")
+        if len({flag.endswith("3d") for flag in flags}) > 1:
+            raise ValueError("mixes 2D and 3D datasets, which no single backbone can take; run them separately")
+        return flags
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> DataConfig:
+        if self.alpha is None and self.partition in ("dirichlet", "quantity"):
+            self.alpha = 0.5 if self.partition == "dirichlet" else 1.0
+        return self
+
+
+class ClientsConfig(Section):
+    num: int = Field(20, ge=1)
+    fraction: float = Field(0.5, gt=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ModelConfig(Section):
+    name: str = "cnn"
+
+
+class StrategyConfig(BaseModel):
+    """``name`` picks a method from the registry; the other keys are that method's ``Params``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EngineConfig(Section):
+    # pool: virtual clients multiplexed over long-lived worker actors; dedicated: one actor per client.
+    mode: Literal["pool", "dedicated"] = "pool"
+    num_workers: int | Literal["auto"] = "auto"
+    client_state: Literal["memory", "disk"] = "memory"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return value
+
+
+class ServerConfig(Section):
+    # The server coordinates and aggregates while clients train; evaluation runs on the client pool.
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1)  # evaluate every N rounds, and always after the last one
+    personalised: bool = True
+    batch_size: int = Field(512, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local Ray (default: all cores)
+    num_gpus: int | None = Field(None, ge=0)  # logical GPUs of a local Ray (default: those torch sees)
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class ExperimentConfig(Section):
+    name: str | None = None
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+    output_dir: str = "results"
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.strategy.name}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("raymed") / "configs" / "default.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; give the path of an experiment YAML")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got a {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings; values are parsed as YAML (``[a,b]``, ``0.1``, ``true``)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} holds a value, not a section of keys")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """Field names of the section that ``path`` points into (for 'unknown key' messages)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    path = ".".join(prefix + loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean {'.'.join(prefix + loc[:-1] + (close[0],))}?)" if close else ""
+        return f"unknown key {path}{hint}; allowed keys here: {', '.join(allowed)}"
+    given = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"{path}: got {given!r}; {msg}{more}"
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping into an :class:`ExperimentConfig`, resolving method parameters."""
+    from raymed.methods import METHODS
+    from raymed.models import MODELS
+
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, ExperimentConfig)) from None
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name: got {cfg.model.name!r}; allowed: {', '.join(sorted(MODELS))}")
+    method = METHODS.get(cfg.strategy.name)
+    if method is None:
+        close = difflib.get_close_matches(cfg.strategy.name, METHODS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"strategy.name: got {cfg.strategy.name!r}{hint}; allowed: {', '.join(sorted(METHODS))}")
+    try:
+        params = method.Params.model_validate(cfg.strategy.params)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, method.Params, prefix=("strategy",))) from None
+    # Store the resolved parameters (defaults filled in) so the saved config is complete.
+    cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment: the embedded default when ``path`` is None, then ``--set`` overrides."""
+    raw = load_yaml(path if path is not None else default_config_path())
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,240 @@
+"""Client shards, materialised once as Arrow IPC files and read memory-mapped by the client workers.
+
+Layout of a shard set (a folder named by a hash of everything that determines its content)::
+
+    meta.json                 datasets, tasks, image shapes, source files and md5s, synthetic flags
+    index.parquet             client_id, dataset, offset, num_train, num_holdout
+    {flag}.train.arrow        training rows of {flag}, reordered so that each client's rows are one
+                              contiguous block: [its local-train rows | its held-out rows]
+    {flag}.test.arrow         the official test split, for global evaluation
+
+Images are stored channel-first (C×H×W or C×D×H×W) as fixed-size lists of uint8, so a worker slices a
+client's block out of the memory map without copying or re-sending data through the driver.
+The folder is written under a temporary name and renamed into place, so a half-written shard set is
+never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymed.config import ExperimentConfig
+from raymed.data.medmnist_files import DatasetFile, load_split, locate_all
+from raymed.data.partition import holdout_split, partition
+from raymed.data.tasks import TaskSpec
+from raymed.errors import DataError
+
+FORMAT_VERSION = 1
+
+
+def _channel_first(images: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """MedMNIST stores N×H×W (gray), N×H×W×3 (RGB) or N×D×H×W (3D); return N×C×spatial."""
+    if images.ndim == spatial_dims + 1:
+        return images[:, None]
+    return np.ascontiguousarray(np.moveaxis(images, -1, 1))
+
+
+def _table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    flat_images = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()), int(np.prod(images.shape[1:])))
+    flat_labels = pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1).astype(np.int16)), labels.shape[1])
+    return pa.table({"image": flat_images, "label": flat_labels})
+
+
+def _write_arrow(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    table = _table(images, labels)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(1, len(images)))  # one batch: zero-copy slicing
+
+
+def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
+    d = cfg.data
+    identity = {
+        "v": FORMAT_VERSION,
+        "files": [(f.flag, f.size, f.md5) for f in files],
+        "partition": d.partition,
+        "alpha": d.alpha,
+        "holdout": d.holdout_fraction,
+        "min": d.min_examples,
+        "max_train": d.max_train_per_dataset,
+        "max_test": d.max_test_per_dataset,
+        "clients": cfg.clients.num,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".shards")
+
+
+def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -> Path:
+    """Build (or reuse) the shard set for ``cfg``; return its folder."""
+    d = cfg.data
+    files = files if files is not None else locate_all(d.datasets, d.size, d.root, d.download)
+    out = default_cache_dir(cfg) / shard_key(cfg, files)
+    if (out / "meta.json").is_file():
+        return out
+
+    rng = np.random.default_rng([cfg.seed, 0x5A4D])
+    train: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for f in files:
+        spatial = 3 if f.flag.endswith("3d") else 2
+        x, y = load_split(f, "train")
+        if d.max_train_per_dataset and len(x) > d.max_train_per_dataset:
+            keep = np.sort(rng.choice(len(x), d.max_train_per_dataset, replace=False))
+            x, y = x[keep], y[keep]
+        xt, yt = load_split(f, "test")
+        if d.max_test_per_dataset and len(xt) > d.max_test_per_dataset:
+            keep = np.sort(rng.choice(len(xt), d.max_test_per_dataset, replace=False))
+            xt, yt = xt[keep], yt[keep]
+        train[f.flag] = (_channel_first(x, spatial), y)
+        test[f.flag] = (_channel_first(xt, spatial), yt)
+
+    clients = partition(
+        {flag: y for flag, (_, y) in train.items()}, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples
+    )
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index_rows = []
+    for flag, (x, y) in train.items():
+        order, offset = [], 0
+        for cid, rows_by_flag in enumerate(clients):
+            rows = rows_by_flag.get(flag)
+            if rows is None:
+                continue
+            local, held = holdout_split(len(rows), d.holdout_fraction, rng)
+            order += [rows[local], rows[held]]
+            index_rows.append((cid, flag, offset, len(local), len(held)))
+            offset += len(rows)
+        order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
+        _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
+        _write_arrow(tmp / f"{flag}.test.arrow", *test[flag])
+
+    cids, flags, offsets, n_train, n_hold = zip(*sorted(index_rows))
+    pq.write_table(
+        pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_holdout": n_hold}),
+        tmp / "index.parquet",
+    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "num_clients": cfg.clients.num,
+        "datasets": {
+            f.flag: {
+                "shape": list(train[f.flag][0].shape[1:]),
+                "num_train": int(len(train[f.flag][0])),
+                "num_test": int(len(test[f.flag][0])),
+                "file": str(f.path),
+                "md5": f.md5,
+                "synthetic": f.synthetic,
+            }
+            for f in files
+        },
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built the same shard set first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N×C×spatial (a read-only view into the memory map)
+    labels: np.ndarray  # int16, N×L
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    client_id: int
+    train: dict[str, Split]
+    holdout: dict[str, Split]
+
+    @property
+    def num_train(self) -> int:
+        return sum(len(s) for s in self.train.values())
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.train)
+
+
+class ShardSet:
+    """Read side of a shard set: memory-maps the Arrow files once and slices clients out of them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            index = pq.read_table(self.folder / "index.parquet").to_pylist()
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"shard set {self.folder} is unreadable ({exc}); delete it and rerun (it is rebuilt), and on a "
+                f"cluster put data.cache_dir on storage every node can read"
+            ) from None
+        self.index: dict[int, list[dict]] = {}
+        for row in index:
+            self.index.setdefault(row["client_id"], []).append(row)
+        self.tasks = {
+            flag: TaskSpec.from_medmnist(flag, synthetic=info["synthetic"]) for flag, info in self.meta["datasets"].items()
+        }
+        self._arrays: dict[str, Split] = {}
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.meta["num_clients"])
+
+    @property
+    def synthetic(self) -> bool:
+        return any(info["synthetic"] for info in self.meta["datasets"].values())
+
+    def _split(self, flag: str, part: str) -> Split:
+        key = f"{flag}.{part}"
+        if key not in self._arrays:
+            source = pa.memory_map(str(self.folder / f"{key}.arrow"), "r")
+            table = pa.ipc.open_file(source).read_all()
+            shape = self.meta["datasets"][flag]["shape"]
+            images = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=True)
+            labels_col = table.column("label").combine_chunks()
+            labels = labels_col.flatten().to_numpy(zero_copy_only=True).reshape(len(table), labels_col.type.list_size)
+            self._arrays[key] = Split(images.reshape(len(table), *shape), labels)
+        return self._arrays[key]
+
+    def client(self, client_id: int) -> ClientShard:
+        train, holdout = {}, {}
+        for row in self.index.get(client_id, []):
+            whole = self._split(row["dataset"], "train")
+            start, mid = row["offset"], row["offset"] + row["num_train"]
+            end = mid + row["num_holdout"]
+            train[row["dataset"]] = Split(whole.images[start:mid], whole.labels[start:mid])
+            holdout[row["dataset"]] = Split(whole.images[mid:end], whole.labels[mid:end])
+        return ClientShard(client_id, train, holdout)
+
+    def client_sizes(self) -> dict[int, tuple[int, int]]:
+        """client id → (local training examples, held-out examples)."""
+        return {
+            cid: (sum(r["num_train"] for r in rows), sum(r["num_holdout"] for r in rows))
+            for cid, rows in self.index.items()
+        }
+
+    def test(self, flag: str) -> Split:
+        return self._split(flag, "test")

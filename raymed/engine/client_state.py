@@ -1,0 +1,48 @@
+"""Clients' persistent state between rounds (FedPer heads, optimizer state, control variates, ...).
+
+It lives in its own actor, not in the server: workers fetch a client's state before training it and
+store the new state after, so what a method keeps on the client never reaches the server process.
+Backends: memory (the actor's heap) or disk (one file per client under the run folder, for
+federations whose states outgrow memory; on a cluster that folder must be on shared storage).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+
+class ClientStateStore:
+    def __init__(self, folder: str | None = None):
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[int, Any] = {}
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get_many(self, client_ids: list[int]) -> list[Any]:
+        return [self._get(c) for c in client_ids]
+
+    def put_many(self, states: dict[int, Any]) -> int:
+        for client_id, state in states.items():
+            self._put(client_id, state)
+        return len(states)
+
+    def keys(self) -> list[int]:
+        if self.folder is None:
+            return sorted(self.memory)
+        return sorted(int(p.stem) for p in self.folder.glob("*.pkl"))
+
+    def _get(self, client_id: int) -> Any:
+        if self.folder is None:
+            return self.memory.get(client_id)
+        path = self.folder / f"{client_id}.pkl"
+        return pickle.loads(path.read_bytes()) if path.exists() else None
+
+    def _put(self, client_id: int, state: Any) -> None:
+        if self.folder is None:
+            self.memory[client_id] = state
+            return
+        tmp = self.folder / f".{client_id}.tmp"
+        tmp.write_bytes(pickle.dumps(state, protocol=5))
+        tmp.replace(self.folder / f"{client_id}.pkl")

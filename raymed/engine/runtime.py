@@ -1,0 +1,100 @@
+"""Ray start-up with safe defaults, and the plan of how many client workers fit.
+
+Security: Ray's dashboard and jobs API run code for whoever reaches them. A local Ray started here
+has token authentication on (``RAY_AUTH_MODE=token``, set in ``raymed/__init__.py`` before Ray is
+imported; Ray writes the token to
+``~/.ray/auth_token``, and ``ray get-auth-token`` prints it) and binds the dashboard to 127.0.0.1.
+Only ``ray.dashboard_host`` in the config widens that, and only when a user sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import ray
+
+from raymed.config import ExperimentConfig, RayConfig
+from raymed.errors import ResourceError
+
+WORKER_MEMORY_BYTES = 0.6 * 2**30  # measured: a Ray actor that imports torch holds about 0.55 GB RSS
+
+
+def init_ray(cfg: RayConfig) -> str | None:
+    """Start or join Ray once per process; returns the dashboard URL when there is one."""
+    if ray.is_initialized():
+        return None
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    try:
+        if cfg.address:
+            context = ray.init(address=cfg.address, **quiet)
+        else:
+            import torch
+
+            context = ray.init(
+                num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+                num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
+                include_dashboard=cfg.dashboard,
+                dashboard_host=cfg.dashboard_host,
+                dashboard_port=cfg.dashboard_port,
+                **quiet,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {cfg.address}" if cfg.address else "a local Ray"
+        raise ResourceError(
+            f"could not start or reach {where}: {exc}; check ray.address, and that RAY_AUTH_TOKEN (or "
+            f"~/.ray/auth_token) holds the cluster's token"
+        ) from None
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url else None
+
+
+def clients_per_round(cfg: ExperimentConfig) -> int:
+    return max(1, round(cfg.clients.fraction * cfg.clients.num))
+
+
+def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
+    """Number of client worker actors: what fits in the cluster, and no more than a round can use.
+
+    Ray's resources are logical, so an actor asking for more than exists would wait forever: refuse
+    such a layout here, with the numbers, instead of hanging.
+    """
+    c, s = cfg.clients, cfg.server
+    free_cpus = resources.get("CPU", 0.0) - s.num_cpus
+    free_gpus = resources.get("GPU", 0.0) - s.num_gpus
+    fit = math.floor(free_cpus / c.num_cpus + 1e-9)
+    if c.num_gpus > 0:
+        if free_gpus < c.num_gpus:
+            raise ResourceError(
+                f"clients.num_gpus={c.num_gpus} but the cluster has {free_gpus:g} GPU(s) free after the server; "
+                f"set clients.num_gpus=0 to train on CPU"
+            )
+        fit = min(fit, math.floor(free_gpus / c.num_gpus + 1e-9))
+    if fit < 1:
+        raise ResourceError(
+            f"one client worker needs clients.num_cpus={c.num_cpus:g} CPUs but the cluster has {free_cpus:g} free "
+            f"after the server (server.num_cpus={s.num_cpus:g}); lower clients.num_cpus"
+        )
+    memory = resources.get("memory")
+    memory_fit = max(1, int(memory // WORKER_MEMORY_BYTES)) if memory else fit
+
+    if cfg.engine.mode == "dedicated":
+        need = c.num
+        if need > fit or need > memory_fit:
+            raise ResourceError(
+                f"engine.mode=dedicated needs one actor per client ({need}), but only {min(fit, memory_fit)} fit "
+                f"(CPU/GPU per client: clients.num_cpus={c.num_cpus:g}, clients.num_gpus={c.num_gpus:g}; about "
+                f"0.6 GB memory each); use engine.mode=pool"
+            )
+        return need
+    if cfg.engine.num_workers != "auto":
+        want = int(cfg.engine.num_workers)
+        if want > fit:
+            raise ResourceError(
+                f"engine.num_workers={want} workers need {want * c.num_cpus:g} CPUs"
+                + (f" and {want * c.num_gpus:g} GPUs" if c.num_gpus else "")
+                + f" but only {fit} fit; lower engine.num_workers or use 'auto'"
+            )
+        return want
+    return max(1, min(fit, memory_fit, clients_per_round(cfg)))

@@ -1,0 +1,177 @@
+"""The server actor: owns the global state, runs rounds over the client worker pool, evaluates.
+
+One round::
+
+    sample ⌈fraction·N⌉ clients (seeded by (seed, round))
+    ray.put(method.broadcast(state))            one object per round, shared by every worker
+    workers train their share of the clients   one call per worker, one partial aggregate back
+    state ← method.aggregate(state, merged)
+    evaluate (every eval.every rounds and after the last): the global model on each dataset's
+    test split, and every client's personalised model on its own held-out rows
+
+Clients' persistent state (FedPer heads, ...) lives in a separate state-store actor that the workers
+read and write directly: the server only passes its handle on and never receives a client's state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from raymed.config import validate_config
+from raymed.data.shards import ShardSet
+from raymed.engine.client_state import ClientStateStore
+from raymed.engine.worker import ClientWorker, float_state
+from raymed.errors import ClientFailure
+from raymed.methods import WeightedMean, build_method
+from raymed.models import build_model
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of a round: a seeded draw without replacement, sorted."""
+    k = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng([seed, round_, 0x5A3])
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[list[int]]:
+    """Spread clients over workers by longest-processing-time first (deterministic)."""
+    groups: list[list[int]] = [[] for _ in range(num_workers)]
+    load = [0] * num_workers
+    for client in sorted(clients, key=lambda c: (-cost[c], c)):
+        w = min(range(num_workers), key=lambda i: (load[i], i))
+        groups[w].append(client)
+        load[w] += max(cost[client], 1)
+    return groups
+
+
+class ServerActor:
+    def __init__(self, cfg: dict[str, Any], shard_dir: str, num_workers: int, run_name: str, state_dir: str | None):
+        self.cfg = validate_config(cfg)
+        self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
+        self.shards = ShardSet(shard_dir)
+        initial = float_state(build_model(self.cfg.model.name, self.shards.tasks, self.cfg.seed))
+        self.state = self.method.init_state(initial)
+        self.sizes = self.shards.client_sizes()
+        folder = state_dir if self.cfg.engine.client_state == "disk" else None
+        self.store = ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0).remote(folder)
+        c = self.cfg.clients
+        worker_cls = ray.remote(ClientWorker)
+        self.workers = [
+            worker_cls.options(name=f"{run_name}.client-pool-{i}", num_cpus=c.num_cpus, num_gpus=c.num_gpus).remote(
+                cfg, shard_dir, i, self.store
+            )
+            for i in range(num_workers)
+        ]
+        self.worker_info = ray.get([w.info.remote() for w in self.workers])
+
+    def describe(self) -> dict[str, Any]:
+        return {"workers": self.worker_info, "num_clients": self.shards.num_clients, "synthetic": self.shards.synthetic}
+
+    # ---- one round
+
+    def run_round(self) -> dict[str, Any]:
+        r = self.state.round + 1
+        start = time.perf_counter()
+        sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction)
+        payload_ref = ray.put(self.method.broadcast(self.state))
+        if self.cfg.engine.mode == "dedicated":
+            groups = [[c] if c in sampled else [] for c in range(len(self.workers))]
+        else:
+            groups = assign(sampled, {c: self.sizes[c][0] for c in sampled}, len(self.workers))
+        futures = [
+            self.workers[w].train.remote(r, payload_ref, group)
+            for w, group in enumerate(groups)
+            if group
+        ]
+        results = ray.get(futures)
+        train_s = time.perf_counter() - start
+
+        merged: WeightedMean = self.method.new_accumulator()
+        records = []
+        for result in results:
+            merged.merge(result["accumulator"])
+            records += result["records"]
+        if merged.count == 0:
+            reasons = "; ".join(f"client {x['client_id']}: {x['rejected']}" for x in records[:3])
+            raise ClientFailure(f"round {r}: every client update was rejected ({reasons}); lower clients.lr or check the data")
+        self.state = self.method.aggregate(self.state, merged)
+        self.state.round = r
+
+        accepted = [x for x in records if x["rejected"] is None]
+        metrics: dict[str, float] = {
+            "round": r,
+            "clients/sampled": len(sampled),
+            "clients/aggregated": merged.count,
+            "clients/rejected": len(records) - merged.count,
+            "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])),
+            "comm/bytes_down": float(sum(x["bytes_down"] for x in records)),
+            "comm/bytes_up": float(sum(x["bytes_up"] for x in records)),
+            "memory/worker_peak_rss_mb": max(x["peak_rss_mb"] for x in results),
+            "time/train_s": train_s,
+        }
+        evaluation: list[dict[str, Any]] = []
+        if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
+            eval_start = time.perf_counter()
+            metrics.update(self.evaluate_global())
+            if self.cfg.eval.personalised:
+                personal_metrics, evaluation = self.evaluate_personalised(r)
+                metrics.update(personal_metrics)
+            metrics["time/eval_s"] = time.perf_counter() - eval_start
+        metrics["time/round_s"] = time.perf_counter() - start
+        return {"metrics": metrics, "clients": records, "evaluation": evaluation}
+
+    # ---- evaluation
+
+    def evaluate_global(self) -> dict[str, float]:
+        weights = self.method.eval_weights(self.state)
+        if weights is None:
+            return {}
+        chunks: list[list[tuple[str, int, int]]] = [[] for _ in self.workers]
+        for flag in self.shards.tasks:
+            n = len(self.shards.test(flag))
+            step = math.ceil(n / len(self.workers))
+            for i, start in enumerate(range(0, n, step)):
+                chunks[i % len(self.workers)].append((flag, start, min(start + step, n)))
+        ref = ray.put(weights)
+        parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(self.workers, chunks) if c]), [])
+        out: dict[str, float] = {}
+        for flag, task in self.shards.tasks.items():
+            scores = np.concatenate([s for f, _, s in sorted(parts, key=lambda p: (p[0], p[1])) if f == flag])
+            for name, value in task.metrics(scores, self.shards.test(flag).labels).items():
+                out[f"global/{flag}/{name}"] = value
+        out["global/mean/acc"] = float(np.mean([out[f"global/{f}/acc"] for f in self.shards.tasks]))
+        return out
+
+    def evaluate_personalised(self, r: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        clients = sorted(self.sizes)
+        groups = assign(clients, {c: self.sizes[c][1] for c in clients}, len(self.workers))
+        ref = ray.put(self.method.broadcast(self.state))
+        futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(self.workers, groups) if g]
+        parts = sum(ray.get(futures), [])
+        rows, pooled = [], {}
+        for part in parts:
+            task = self.shards.tasks[part["dataset"]]
+            rows.append({"round": r, "client_id": part["client_id"], "dataset": part["dataset"], "num_holdout": len(part["labels"]), **task.metrics(part["scores"], part["labels"])})
+            pooled.setdefault(part["dataset"], []).append(part)
+        out: dict[str, float] = {}
+        for flag, items in pooled.items():
+            scores = np.concatenate([p["scores"] for p in items])
+            labels = np.concatenate([p["labels"] for p in items])
+            for name, value in self.shards.tasks[flag].metrics(scores, labels).items():
+                out[f"personal/{flag}/{name}"] = value
+        by_client: dict[int, list[dict]] = {}
+        for row in rows:
+            by_client.setdefault(row["client_id"], []).append(row)
+        client_acc = [np.average([x["acc"] for x in v], weights=[x["num_holdout"] for x in v]) for v in by_client.values()]
+        out["personal/client_mean/acc"] = float(np.mean(client_acc))
+        return out, rows
+
+    # ---- state access (checkpointing, tests)
+
+    def get_state(self):
+        return self.state

@@ -1,0 +1,157 @@
+"""Client worker: a long-lived Ray actor that trains many virtual clients in place.
+
+It builds the model, the method and the memory-mapped shard reader once, then for each round trains
+the clients it is given one after another, folds their updates into one partial aggregate, and sends
+back that partial, the per-client records and the clients' new persistent state. This is the pfl
+pattern (workers reused across clients, one reduce per worker per round) rather than Flower's
+(a fresh client object per client per round).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from raymed.config import validate_config
+from raymed.data.shards import ShardSet
+from raymed.errors import ClientFailure, RaymedError, ResourceError
+from raymed.methods import ClientContext, Weights, build_method
+from raymed.methods.base import load_weights, to_model_input
+from raymed.models import build_model
+
+
+def float_state(model: torch.nn.Module) -> Weights:
+    """The model's floating-point state (parameters and running statistics) as numpy arrays."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def nbytes(weights: Weights) -> int:
+    return sum(v.nbytes for v in weights.values())
+
+
+class ClientWorker:
+    def __init__(self, cfg: dict[str, Any], shard_dir: str, index: int, state_store: Any):
+        self.cfg = validate_config(cfg)
+        self.index = index
+        self.state_store = state_store  # actor handle: clients' persistent state, never seen by the server
+        torch.set_num_threads(max(1, int(self.cfg.clients.num_cpus)))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.shards = ShardSet(shard_dir)
+        self.tasks = self.shards.tasks
+        self.model = build_model(self.cfg.model.name, self.tasks, self.cfg.seed).to(self.device)
+        self.initial_weights = float_state(self.model)
+        self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
+        self.checked_fit = False
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device), "pid": os.getpid()}
+
+    def _context(self, client_id: int, round_: int, state) -> ClientContext:
+        return ClientContext(
+            client_id=client_id,
+            round=round_,
+            seed=self.cfg.seed,
+            model=self.model,
+            shard=self.shards.client(client_id),
+            tasks=self.tasks,
+            train=self.cfg.clients,
+            device=self.device,
+            initial_weights=self.initial_weights,
+            state=state,
+        )
+
+    def train(self, round_: int, payload: Weights, client_ids: list[int]) -> dict[str, Any]:
+        """Train ``client_ids`` from ``payload``; return one partial aggregate and per-client records."""
+        accumulator = self.method.new_accumulator()
+        records, states = [], {}
+        down = nbytes(payload)
+        for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
+            ctx = self._context(client_id, round_, state)
+            start = time.perf_counter()
+            try:
+                update = self.method.client_update(ctx, payload)
+            except RaymedError:
+                raise
+            except Exception as exc:
+                raise ClientFailure(
+                    f"client {client_id} failed in round {round_} on worker {self.index}: {type(exc).__name__}: {exc}"
+                ) from exc
+            problem = update.problem(payload)
+            if problem is None:
+                accumulator.add(update)
+                if update.state is not None:
+                    states[client_id] = update.state
+            records.append(
+                {
+                    "round": round_,
+                    "client_id": client_id,
+                    "datasets": ",".join(ctx.shard.datasets),
+                    "worker": self.index,
+                    "num_train": ctx.num_train,
+                    "train_loss": update.metrics.get("train_loss", float("nan")),
+                    "bytes_down": down,
+                    "bytes_up": update.nbytes,
+                    "time_s": time.perf_counter() - start,
+                    "rejected": problem,
+                }
+            )
+        if states:
+            ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
+        if not self.checked_fit:
+            self._check_gpu_fit()
+        return {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb()}
+
+    def _check_gpu_fit(self) -> None:
+        """Ray's GPU fractions are logical: refuse a layout whose clients cannot fit on one GPU together."""
+        self.checked_fit = True
+        if self.device.type != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        sharing = max(1, int(1 / self.cfg.clients.num_gpus + 1e-9))
+        if peak * sharing > 0.95 * total:
+            raise ResourceError(
+                f"a client worker peaks at {peak / 2**30:.2f} GiB of GPU memory and clients.num_gpus="
+                f"{self.cfg.clients.num_gpus:g} puts {sharing} on a {total / 2**30:.1f} GiB GPU; raise clients.num_gpus "
+                f"to at least {peak / (0.95 * total):.2f} or lower clients.batch_size"
+            )
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def _scores(self, flag: str, images: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        step = self.cfg.eval.batch_size
+        out = []
+        for i in range(0, len(images), step):
+            x = to_model_input(np.array(images[i : i + step]), self.model.in_channels, self.device)
+            out.append(self.tasks[flag].scores(self.model(x, flag)))
+        return np.concatenate(out) if out else np.empty((0, self.tasks[flag].num_classes), np.float32)
+
+    def evaluate_personalised(self, payload: Weights, client_ids: list[int]) -> list[dict[str, Any]]:
+        """Each client's personalised model on its own held-out rows: scores and labels per dataset."""
+        results = []
+        for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
+            ctx = self._context(client_id, -1, state)
+            self.method.load_personalised(ctx, payload)
+            for flag, split in ctx.shard.holdout.items():
+                results.append(
+                    {"client_id": client_id, "dataset": flag, "scores": self._scores(flag, split.images), "labels": np.array(split.labels)}
+                )
+        return results
+
+    def evaluate_global(self, weights: Weights, chunks: list[tuple[str, int, int]]) -> list[tuple[str, int, np.ndarray]]:
+        """The global model on row ranges of the test splits: [(dataset, start row, scores)]."""
+        load_weights(self.model, self.initial_weights)  # anything the method leaves out is the seeded init
+        load_weights(self.model, weights)
+        return [(flag, start, self._scores(flag, self.shards.test(flag).images[start:stop])) for flag, start, stop in chunks]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,265 @@
+"""The method interface: what every federated method implements, and what the engine gives it.
+
+A method is one class in one module, holding both halves of the algorithm::
+
+    server:  init_state → broadcast (what goes down) → aggregate (what came up) → eval_weights
+    client:  client_update (local training on one client) and load_personalised (for evaluation)
+
+The engine calls only these, and knows no method. Clients send :class:`ClientUpdate` objects; the
+engine folds them into the method's accumulator on the worker that trained them (one partial
+aggregate per worker per round, as pfl-research does), and the server merges the partials.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from raymed.config import ClientsConfig
+from raymed.data.shards import ClientShard, Split
+from raymed.data.tasks import TaskSpec
+from raymed.models import FedModel
+
+Weights = dict[str, np.ndarray]
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries between rounds (checkpointable)."""
+
+    weights: Weights
+    round: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends up (``delta``), its aggregation weight, and what it keeps (``state``)."""
+
+    delta: Weights
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    state: dict[str, np.ndarray] | None = None  # persistent client state: never sent to the server
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.delta.values())
+
+    def problem(self, payload: Weights) -> str | None:
+        """Why this update must not be aggregated, or None."""
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            return f"aggregation weight {self.weight}"
+        for key, value in self.delta.items():
+            if key in payload and value.shape != payload[key].shape:
+                return f"{key} has shape {value.shape}, expected {payload[key].shape}"
+            if not np.isfinite(value).all():
+                return f"non-finite values in {key}"
+        return None
+
+
+class WeightedMean:
+    """Per-parameter weighted mean Σ_k n_k Δ_k / Σ_k n_k over the clients that sent that parameter.
+
+    Sums are kept in float64, so the result does not depend (beyond float64 rounding) on how the
+    clients of a round were spread over workers.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.weights: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        for key, value in update.delta.items():
+            if key in self.sums:
+                self.sums[key] += update.weight * value
+            else:
+                self.sums[key] = update.weight * value.astype(np.float64)
+            self.weights[key] = self.weights.get(key, 0.0) + update.weight
+        self.count += 1
+
+    def merge(self, other: WeightedMean) -> None:
+        for key, value in other.sums.items():
+            if key in self.sums:
+                self.sums[key] += value
+            else:
+                self.sums[key] = value.copy()  # arrays out of Ray's object store are read-only
+            self.weights[key] = self.weights.get(key, 0.0) + other.weights[key]
+        self.count += other.count
+
+    def mean(self) -> Weights:
+        return {k: (s / self.weights[k]).astype(np.float32) for k, s in self.sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a client sees
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy numpy weights into ``model`` (keys it lacks in ``weights`` keep their values)."""
+    with warnings.catch_warnings():  # read-only arrays from the object store are copied, never written
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    model.load_state_dict(tensors, strict=False)
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
+    """uint8 N×C×... → float in [-1, 1] on ``device``; gray images repeated when the model takes RGB."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if x.shape[1] != in_channels:
+        x = x.expand(-1, in_channels, *x.shape[2:])
+    return x
+
+
+@dataclass
+class ClientContext:
+    """One simulated client, as the engine hands it to a method on a worker."""
+
+    client_id: int
+    round: int
+    seed: int
+    model: FedModel  # the worker's reusable module; its weights on entry are arbitrary
+    shard: ClientShard
+    tasks: dict[str, TaskSpec]
+    train: ClientsConfig
+    device: torch.device
+    initial_weights: Weights  # the seeded initialisation, identical on the server and every worker
+    state: dict[str, np.ndarray] | None = None
+
+    @property
+    def num_train(self) -> int:
+        return self.shard.num_train
+
+    @property
+    def trained_keys(self) -> list[str]:
+        return self.model.state_keys(self.shard.datasets)
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.round, self.client_id])
+
+    def load(self, weights: Weights) -> None:
+        load_weights(self.model, weights)
+
+    def read(self, keys: list[str]) -> Weights:
+        state = self.model.state_dict()
+        return {k: state[k].detach().cpu().numpy().copy() for k in keys}
+
+    def delta_from(self, payload: Weights, keys: list[str] | None = None) -> Weights:
+        """Local minus received weights, for the trained keys that came down in ``payload``."""
+        keys = [k for k in (keys or self.trained_keys) if k in payload]
+        local = self.read(keys)
+        return {k: local[k] - payload[k] for k in keys}
+
+    def batches(self, split: str = "train", batch_size: int | None = None, shuffle: bool = True):
+        """Yield (dataset, x, y) mini-batches over the client's data, one dataset per batch.
+
+        Each dataset's block is moved to the device once; batch order is seeded by (seed, round, client).
+        """
+        parts: dict[str, Split] = getattr(self.shard, split)
+        batch_size = batch_size or self.train.batch_size
+        rng = self.rng()
+        plan, tensors = [], {}
+        for flag, part in parts.items():
+            if len(part) == 0:
+                continue
+            tensors[flag] = (
+                to_model_input(np.array(part.images), self.model.in_channels, self.device),
+                torch.as_tensor(np.array(part.labels), device=self.device),
+            )
+            order = rng.permutation(len(part)) if shuffle else np.arange(len(part))
+            plan += [(flag, order[i : i + batch_size]) for i in range(0, len(part), batch_size)]
+        if shuffle:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        for flag, rows in plan:
+            x, y = tensors[flag]
+            index = torch.as_tensor(rows, device=self.device)
+            yield flag, x[index], y[index]
+
+
+def local_sgd(ctx: ClientContext, penalty=None) -> dict[str, float]:
+    """``clients.local_epochs`` epochs of mini-batch SGD on the client's data, over ``ctx.trained_keys``.
+
+    ``penalty`` (optional) is a callable returning an extra loss term, e.g. FedProx's proximal term.
+    Returns the mean training loss.
+    """
+    model, cfg = ctx.model, ctx.train
+    model.train()
+    trained = set(ctx.trained_keys)
+    params = [p for name, p in model.named_parameters() if name in trained]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total, steps = torch.zeros((), device=ctx.device), 0
+    for _ in range(cfg.local_epochs):
+        for flag, x, y in ctx.batches():
+            loss = ctx.tasks[flag].loss(model(x, flag), y)
+            if penalty is not None:
+                loss = loss + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+    return {"train_loss": float(total) / max(steps, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interface
+
+
+class Method(ABC):
+    """Base class of every federated method. Subclasses set ``name`` and, if they have any, ``Params``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | None = None):
+        self.params = params if params is not None else self.Params()
+
+    # ---- server half
+
+    def init_state(self, initial_weights: Weights) -> ServerState:
+        """The server's state before round 1, from the seeded initial model weights."""
+        return ServerState(weights=dict(initial_weights))
+
+    def broadcast(self, state: ServerState) -> Weights:
+        """What every sampled client receives this round (put in the object store once)."""
+        return state.weights
+
+    def new_accumulator(self) -> WeightedMean:
+        return WeightedMean()
+
+    @abstractmethod
+    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
+        """The next server state from this round's merged client updates."""
+
+    def eval_weights(self, state: ServerState) -> Weights | None:
+        """Weights of the global model to test on each dataset's test split (None: there is none)."""
+        return state.weights
+
+    # ---- client half
+
+    @abstractmethod
+    def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
+        """Local training of one client from ``payload``; returns what it sends and what it keeps."""
+
+    def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
+        """Put this client's personalised model into ``ctx.model`` (evaluated on its held-out split)."""
+        ctx.load(payload)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,55 @@
+"""FedAvg — McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017, https://arxiv.org/abs/1602.05629
+
+Round t, with sampled clients S_t and n_k local training examples at client k:
+
+    client k:  w_k ← w_t;  E epochs of SGD on  F_k(w) = (1/n_k) Σ_{i∈D_k} ℓ(w; x_i, y_i)
+               send Δ_k = w_k − w_t
+    server:    w_{t+1} = w_t + η_s · Σ_{k∈S_t} n_k Δ_k / Σ_{k∈S_t} n_k
+
+With the server learning rate η_s = 1 this is the paper's weighted model average
+w_{t+1} = Σ n_k w_k / Σ n_k. Parameters a client does not train (the heads of datasets it does not
+hold) are not sent, so each head is averaged over the clients that hold its dataset.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raymed.methods.base import (
+    ClientContext,
+    ClientUpdate,
+    Method,
+    ServerState,
+    WeightedMean,
+    Weights,
+    local_sgd,
+    register_method,
+)
+
+
+class FedAvgParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    server_lr: float = Field(1.0, gt=0, description="η_s, the step the server takes along the mean update")
+
+
+def apply_mean_update(state: ServerState, accumulator: WeightedMean, server_lr: float) -> ServerState:
+    """w_{t+1} = w_t + η_s · mean Δ (keys no client sent stay as they were)."""
+    weights = dict(state.weights)
+    for key, mean_delta in accumulator.mean().items():
+        weights[key] = weights[key] + server_lr * mean_delta
+    return ServerState(weights=weights, round=state.round, extra=state.extra)
+
+
+@register_method
+class FedAvg(Method):
+    name = "fedavg"
+    Params = FedAvgParams
+
+    def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
+        ctx.load(payload)
+        metrics = local_sgd(ctx)
+        return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+
+    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
+        return apply_mean_update(state, accumulator, self.params.server_lr)

@@ -1,0 +1,77 @@
+"""FedPer — Arivazhagan et al., "Federated Learning with Personalization Layers", 2019,
+https://arxiv.org/abs/1912.00818
+
+The model is split into base layers (shared, federated) and personalisation layers (here the task
+heads, ``heads.*``), which never leave the client:
+
+    client k:  base ← w_t^B;  head ← its own P_k (the seeded initial head on first participation)
+               E epochs of SGD on F_k over (base, head)
+               send Δ_k = base_k − w_t^B;  keep P_k ← head
+    server:    w_{t+1}^B = w_t^B + η_s · Σ n_k Δ_k / Σ n_k
+
+The server never holds, receives or evaluates a head, so there is no global model to test: FedPer is
+evaluated through each client's personalised model (base + own head) on its held-out split.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from raymed.methods.base import (
+    ClientContext,
+    ClientUpdate,
+    Method,
+    ServerState,
+    WeightedMean,
+    Weights,
+    local_sgd,
+    register_method,
+)
+from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+
+
+class FedPerParams(FedAvgParams):
+    personal_layers: list[str] = Field(
+        default_factory=lambda: ["heads."], description="name prefixes of the personalisation layers"
+    )
+
+
+@register_method
+class FedPer(Method):
+    name = "fedper"
+    Params = FedPerParams
+
+    def is_personal(self, key: str) -> bool:
+        return key.startswith(tuple(self.params.personal_layers))
+
+    # ---- server half
+
+    def init_state(self, initial_weights: Weights) -> ServerState:
+        return ServerState(weights={k: v for k, v in initial_weights.items() if not self.is_personal(k)})
+
+    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
+        return apply_mean_update(state, accumulator, self.params.server_lr)
+
+    def eval_weights(self, state: ServerState) -> Weights | None:
+        return None  # the server has no heads: only personalised models exist
+
+    # ---- client half
+
+    def _personal(self, ctx: ClientContext) -> Weights:
+        if ctx.state is not None:
+            return ctx.state
+        return {k: v for k, v in ctx.initial_weights.items() if self.is_personal(k)}
+
+    def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
+        ctx.load(payload)
+        ctx.load(self._personal(ctx))
+
+    def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
+        self.load_personalised(ctx, payload)
+        metrics = local_sgd(ctx)
+        trained = ctx.trained_keys
+        shared = [k for k in trained if not self.is_personal(k)]
+        personal = [k for k in trained if self.is_personal(k)]
+        return ClientUpdate(
+            delta=ctx.delta_from(payload, shared), weight=ctx.num_train, metrics=metrics, state=ctx.read(personal)
+        )

@@ -1,0 +1,117 @@
+"""A run's folder: the resolved config, per-round and per-client metrics as Parquet, a summary.
+
+::
+
+    config.yaml              the resolved config (every default filled in); rerunnable as is
+    meta.json                data files and md5s, synthetic flag, shard set, workers, versions
+    rounds.parquet           one row per round (rewritten atomically after every round)
+    clients/round-NNNN.parquet      per-client training records of round NNNN
+    evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
+    summary.json             status (completed / failed: why / interrupted), final metrics, wall time
+
+Everything is written as soon as it exists (temporary file, then rename), so a run that fails or
+is interrupted keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymed.config import ExperimentConfig, save_config
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(data: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    def __init__(self, cfg: ExperimentConfig, meta: dict[str, Any]):
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.output_dir) / f"{cfg.run_name}-{stamp}"
+        folder, n = base, 1
+        while True:
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                folder = base.with_name(f"{base.name}-{n}")
+        self.dir = folder
+        self.started = time.time()
+        self.rounds: list[dict[str, float]] = []
+        save_config(cfg, folder / "config.yaml")
+        import ray
+        import torch
+
+        self.meta = {
+            **meta,
+            "run": folder.name,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__},
+        }
+        _atomic_json(self.meta, folder / "meta.json")
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def add_meta(self, **items: Any) -> None:
+        self.meta.update(items)
+        _atomic_json(self.meta, self.dir / "meta.json")
+
+    def log_round(self, result: dict[str, Any]) -> None:
+        metrics = result["metrics"]
+        self.rounds.append(metrics)
+        _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(self.rounds), preserve_index=False), self.dir / "rounds.parquet")
+        r = int(metrics["round"])
+        for part in ("clients", "evaluation"):
+            if result.get(part):
+                (self.dir / part).mkdir(exist_ok=True)
+                table = pa.Table.from_pandas(pd.DataFrame(result[part]), preserve_index=False)
+                _atomic_parquet(table, self.dir / part / f"round-{r:04d}.parquet")
+
+    def finish(self, status: str) -> dict[str, Any]:
+        summary = {
+            "status": status,
+            "rounds_completed": len(self.rounds),
+            "wall_time_s": round(time.time() - self.started, 2),
+            "final": self.rounds[-1] if self.rounds else {},
+        }
+        _atomic_json(summary, self.dir / "summary.json")
+        return summary
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """A finished (or partial) run: its config, meta, rounds table and summary."""
+    import yaml
+
+    folder = Path(folder)
+    if not (folder / "rounds.parquet").is_file():
+        from raymed.errors import RaymedError
+
+        raise RaymedError(f"{folder} holds no rounds.parquet; give the folder of a raymed run")
+    return {
+        "dir": folder,
+        "config": yaml.safe_load((folder / "config.yaml").read_text()),
+        "meta": json.loads((folder / "meta.json").read_text()),
+        "rounds": pq.read_table(folder / "rounds.parquet").to_pandas(),
+        "summary": json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {},
+    }

@@ -1,0 +1,64 @@
+"""Shared fixtures: one Ray per test session, real MedMNIST files when present (synthetic otherwise)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import raymed  # noqa: F401  (sets RAY_AUTH_MODE before Ray is imported)
+from raymed.config import ExperimentConfig, apply_overrides, validate_config
+from raymed.data.medmnist_files import write_synthetic
+
+FLAGS = ("pneumoniamnist", "breastmnist", "retinamnist")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+
+
+def _real_dir() -> Path | None:
+    for candidate in (os.environ.get("RAYMED_DATA_DIR"), SHARED):
+        if candidate and all((Path(candidate) / f"{f}.npz").is_file() for f in FLAGS):
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The real MedMNIST files (RAYMED_DATA_DIR or ../shared/data/medmnist), else synthetic stand-ins."""
+    real = _real_dir()
+    if real is not None:
+        return real
+    out = tmp_path_factory.mktemp("synthetic-medmnist")
+    for flag in FLAGS:
+        write_synthetic(flag, out, scale=0.2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def small_config(data_dir: Path, tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """A federation small enough for a test: two modalities, 6 clients, subsampled data."""
+    raw = {
+        "seed": 3,
+        "rounds": 2,
+        "output_dir": str(tmp_path / "results"),
+        "data": {
+            "datasets": ["pneumoniamnist", "breastmnist"],
+            "root": str(data_dir),
+            "partition": "modality",
+            "max_train_per_dataset": 300,
+            "max_test_per_dataset": 120,
+            "cache_dir": str(tmp_path / "shards"),
+        },
+        "clients": {"num": 6, "fraction": 0.5, "batch_size": 16, "lr": 0.05},
+        "eval": {"every": 1},
+        "ray": {"dashboard": False},
+    }
+    return validate_config(apply_overrides(raw, list(overrides)))

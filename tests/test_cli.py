@@ -1,0 +1,88 @@
+"""The command line as a user meets it: one-line errors with exit status 2, and a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import small_config
+
+
+def raymed(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAYMED_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "raymed", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raymed: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _write_config(tmp_path, cfg_dict) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return str(path)
+
+
+def test_bad_config_is_one_line(tmp_path):
+    path = _write_config(tmp_path, {"rounds": 2, "clients": {"num": 4, "fration": 0.5}})
+    _assert_one_line_error(raymed("run", path), "config error", "clients.fration", "clients.fraction")
+    good = _write_config(tmp_path, {"rounds": 2})
+    _assert_one_line_error(raymed("run", good, "--set", "strategy.name=fedbest"), "strategy.name", "allowed: fedavg")
+    (tmp_path / "broken.yaml").write_text("rounds: [2\n")
+    _assert_one_line_error(raymed("run", str(tmp_path / "broken.yaml")), "not valid YAML")
+    _assert_one_line_error(raymed("run", str(tmp_path / "absent.yaml")), "does not exist")
+
+
+def test_corrupt_and_missing_data_are_one_line(data_dir, tmp_path):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "pneumoniamnist.npz").write_bytes((data_dir / "pneumoniamnist.npz").read_bytes()[:20000])
+    cfg = small_config(data_dir, tmp_path).to_dict()
+    cfg["data"]["root"] = str(bad_dir)
+    path = _write_config(tmp_path, cfg)
+    env = {"RAYMED_DATA_DIR": str(tmp_path / "nowhere")}
+    _assert_one_line_error(raymed("run", path, env_extra=env), "data error", "pneumoniamnist.npz is corrupt")
+    _assert_one_line_error(
+        raymed("run", path, "--set", "data.datasets=[dermamnist]", env_extra=env), "dermamnist.npz not found", str(bad_dir)
+    )
+    assert not (tmp_path / "results").exists()  # refused before any result folder was made
+
+
+@pytest.mark.slow
+def test_run_and_report_end_to_end(data_dir, tmp_path):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper").to_dict()
+    proc = raymed("run", _write_config(tmp_path, cfg), "--set", "rounds=2", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "results").glob("fedper-seed3-*") if p.is_dir()]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["rounds"] == 2 and saved["strategy"] == {"name": "fedper", "server_lr": 1.0, "personal_layers": ["heads."]}
+    rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
+    assert rounds["round"].tolist() == [1, 2]
+    assert (rounds["comm/bytes_up"] > 0).all() and rounds["personal/client_mean/acc"].between(0, 1).all()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert len(pq.read_table(run_dir / "evaluation").to_pandas()) >= 6  # every client, personalised
+    assert "final evaluated round" in proc.stdout
+
+    report = raymed("report", str(run_dir), "--out", str(tmp_path / "r.png"))
+    assert report.returncode == 0 and (tmp_path / "r.png").stat().st_size > 10_000
+    assert "personal/client_mean/acc" in report.stdout
+    _assert_one_line_error(raymed("report", str(tmp_path)), "holds no rounds.parquet")
+
+
+def test_data_check_and_synth(tmp_path):
+    proc = raymed("data", "synth", "--out", str(tmp_path), "--scale", "0.02", "breastmnist")
+    assert proc.returncode == 0 and (tmp_path / "breastmnist.npz").is_file()
+    check = raymed("data", "check", "--root", str(tmp_path), env_extra={"COLUMNS": "200"})
+    assert check.returncode == 0 and "synthetic" in check.stdout and "breastmnist" in check.stdout

@@ -1,0 +1,105 @@
+import shutil
+
+import medmnist
+import numpy as np
+import pytest
+import torch
+
+from raymed.data.medmnist_files import load_split, locate, verify, write_synthetic
+from raymed.data.shards import ShardSet, materialise
+from raymed.data.tasks import TaskSpec
+from raymed.errors import DataError
+from tests.conftest import small_config
+
+
+def test_locate_checks_md5_and_search_order(data_dir, tmp_path, monkeypatch):
+    f = locate("breastmnist", root=str(data_dir))
+    assert f.path == data_dir / "breastmnist.npz"
+    monkeypatch.setenv("RAYMED_DATA_DIR", str(data_dir))
+    assert locate("breastmnist", root=str(tmp_path)).path == f.path  # falls through to RAYMED_DATA_DIR
+    if not f.synthetic:
+        assert f.md5 == medmnist.INFO["breastmnist"]["MD5"]
+
+
+def test_missing_file_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYMED_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(DataError) as info:
+        locate("dermamnist", root=str(tmp_path / "root"))
+    msg = str(info.value)
+    assert "dermamnist.npz not found" in msg and str(tmp_path / "root") in msg and str(tmp_path / "env") in msg
+    assert "zenodo" in msg and "RAYMED_DATA_DIR" in msg
+
+
+def test_corrupt_file_is_refused(data_dir, tmp_path):
+    bad = tmp_path / "breastmnist.npz"
+    bad.write_bytes((data_dir / "breastmnist.npz").read_bytes()[:5000])
+    with pytest.raises(DataError, match="breastmnist.npz is corrupt"):
+        verify(bad, "breastmnist")
+
+
+def test_synthetic_file_matches_medmnist_format(tmp_path):
+    path = write_synthetic("retinamnist", tmp_path, scale=0.05)
+    f = verify(path, "retinamnist")
+    assert f.synthetic
+    ds = medmnist.RetinaMNIST(split="train", root=str(tmp_path), download=False)  # the real loader reads it
+    assert ds.imgs.dtype == np.uint8 and ds.imgs.shape[1:] == (28, 28, 3) and ds.labels.shape[1] == 1
+    images, labels = load_split(f, "test")
+    assert labels.max() < 5 and images.shape[0] == labels.shape[0]
+    write_synthetic("chestmnist", tmp_path, scale=0.001)
+    _, multilabel = load_split(verify(tmp_path / "chestmnist.npz", "chestmnist"), "val")
+    assert multilabel.shape[1] == 14
+    write_synthetic("adrenalmnist3d", tmp_path, scale=0.02)
+    volumes, _ = load_split(verify(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d"), "train")
+    assert volumes.shape[1:] == (28, 28, 28)
+
+
+def test_shards_hold_exactly_the_partitioned_rows(data_dir, tmp_path):
+    cfg = small_config(
+        data_dir, tmp_path, "clients.num=5", "data.partition=dirichlet", "data.alpha=1.0",
+        "data.max_train_per_dataset=null", "data.datasets=[breastmnist,retinamnist]",
+    )
+    folder = materialise(cfg)
+    assert materialise(cfg) == folder  # built once, then reused
+    shards = ShardSet(folder)
+    seen = {flag: [] for flag in cfg.data.datasets}
+    for cid in range(5):
+        client = shards.client(cid)
+        for flag in client.datasets:
+            train, hold = client.train[flag], client.holdout[flag]
+            assert len(train) >= 1 and len(hold) >= 1
+            assert train.images.shape[1] == {"breastmnist": 1, "retinamnist": 3}[flag]  # channel-first
+            seen[flag].append(np.concatenate([train.images, hold.images]).reshape(len(train) + len(hold), -1))
+    for flag in cfg.data.datasets:
+        rows = np.concatenate(seen[flag])
+        source, _ = load_split(locate(flag, root=str(data_dir)), "train")
+        source = np.moveaxis(source, -1, 1) if source.ndim == 4 else source[:, None]
+        as_bytes = lambda a: sorted(r.tobytes() for r in a.reshape(len(a), -1))  # noqa: E731
+        assert as_bytes(rows) == as_bytes(source)  # every training row exactly once, none invented
+        assert shards.test(flag).images.shape[0] == 120
+
+
+def test_task_metrics_against_hand_computation():
+    binary = TaskSpec("pneumoniamnist", "binary", 2, 1, 2)
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([[0], [1], [1], [1]])
+    m = binary.metrics(scores, labels)
+    assert m["acc"] == pytest.approx(0.75)
+    assert m["auc"] == pytest.approx(1.0)  # every positive scores above the negative
+    assert m["f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+    ordinal = TaskSpec("retinamnist", "ordinal", 5, 3, 2)
+    logits = torch.tensor([[5.0, 5.0, -5.0, -5.0], [-5.0, -5.0, -5.0, -5.0], [5.0, 5.0, 5.0, 5.0]])
+    probs = ordinal.scores(logits)
+    assert np.allclose(probs.sum(1), 1.0)
+    assert list(ordinal.predict(probs)) == [2, 0, 4]
+    m = ordinal.metrics(probs, np.array([[2], [1], [4]]))
+    assert m["acc"] == pytest.approx(2 / 3) and m["mae"] == pytest.approx(1 / 3)
+    loss_good = ordinal.loss(logits, torch.tensor([[2], [0], [4]]))
+    loss_bad = ordinal.loss(logits, torch.tensor([[4], [4], [0]]))
+    assert loss_good < loss_bad
+
+    multilabel = TaskSpec("chestmnist", "multilabel", 3, 1, 2)
+    m = multilabel.metrics(np.array([[0.9, 0.1, 0.6], [0.2, 0.7, 0.4]]), np.array([[1, 0, 0], [0, 1, 1]]))
+    assert m["acc"] == pytest.approx(4 / 6)
+    single_class = binary.metrics(np.array([[0.3, 0.7], [0.4, 0.6]]), np.array([[1], [1]]))
+    assert np.isnan(single_class["auc"])  # undefined, not invented

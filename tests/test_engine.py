@@ -1,0 +1,135 @@
+"""The engine on real Ray actors and real (or synthetic, when absent) MedMNIST shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from raymed.data.shards import ShardSet, materialise
+from raymed.engine import ServerActor, plan_workers, run_experiment, sample_clients
+from raymed.engine.client_state import ClientStateStore
+from raymed.engine.worker import ClientWorker, float_state
+from raymed.errors import ClientFailure, ResourceError
+from raymed.methods import ClientContext, build_method
+from raymed.models import build_model
+from tests.conftest import small_config
+
+
+def _server(cfg, shard_dir, workers=2, name="t"):
+    return ray.remote(ServerActor).remote(cfg.to_dict(), str(shard_dir), workers, name, None)
+
+
+def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", "eval.personalised=false")
+    shard_dir = materialise(cfg)
+    server = _server(cfg, shard_dir, name="avg")
+    initial = ray.get(server.get_state.remote()).weights
+    ray.get(server.run_round.remote())
+    after = ray.get(server.get_state.remote()).weights
+    ray.kill(server)
+
+    # By hand: train every sampled client from the same start, then Σ n_k w_k / Σ n_k per parameter
+    # over the clients that hold it (a dataset's head is averaged over that dataset's clients).
+    torch.set_num_threads(1)
+    shards = ShardSet(shard_dir)
+    model = build_model(cfg.model.name, shards.tasks, cfg.seed)
+    method = build_method("fedavg", cfg.strategy.params)
+    sums, totals = {}, {}
+    for cid in sample_clients(cfg.seed, 1, cfg.clients.num, cfg.clients.fraction):
+        ctx = ClientContext(cid, 1, cfg.seed, model, shards.client(cid), shards.tasks, cfg.clients, torch.device("cpu"), float_state(model))
+        update = method.client_update(ctx, initial)
+        for key, delta in update.delta.items():
+            local = initial[key] + delta
+            sums[key] = sums.get(key, 0) + ctx.num_train * local.astype(np.float64)
+            totals[key] = totals.get(key, 0) + ctx.num_train
+    assert set(sums) == set(after)
+    for key in after:
+        np.testing.assert_allclose(after[key], sums[key] / totals[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert any(not np.allclose(after[k], initial[k]) for k in after)  # the round did move the model
+
+
+def test_fedper_head_never_reaches_the_server(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper")
+    shard_dir = materialise(cfg)
+    server = _server(cfg, shard_dir, name="per")
+    state = ray.get(server.get_state.remote())
+    assert state.weights and not any(k.startswith("heads.") for k in state.weights)
+    for _ in range(2):
+        result = ray.get(server.run_round.remote())
+        for record in result["clients"]:  # per-client records hold numbers, never weights
+            assert not any(isinstance(v, np.ndarray) for v in record.values())
+    assert not any(k.startswith("heads.") for k in ray.get(server.get_state.remote()).weights)
+    assert "global/pneumoniamnist/acc" not in result["metrics"]  # no global head to test
+    assert "personal/pneumoniamnist/acc" in result["metrics"]
+    ray.kill(server)
+
+    # What a worker hands back to the server for a round: no head anywhere in it.
+    store = ray.remote(ClientStateStore).remote(None)
+    worker = ray.remote(ClientWorker).remote(cfg.to_dict(), str(shard_dir), 0, store)
+    payload = {k: v for k, v in state.weights.items()}
+    sent = ray.get(worker.train.remote(1, payload, [0, 1, 2]))
+    assert sent["accumulator"].count == 3
+    assert sent["accumulator"].sums and not any(k.startswith("heads.") for k in sent["accumulator"].sums)
+    kept = ray.get(store.get_many.remote([0, 1, 2]))  # the heads stayed with the clients
+    assert all(s and all(k.startswith("heads.") for k in s) for s in kept)
+    again = ray.get(worker.train.remote(2, payload, [0]))
+    assert again["accumulator"].count == 1
+    newer = ray.get(store.get_many.remote([0]))[0]
+    assert any(not np.array_equal(newer[k], kept[0][k]) for k in newer)  # client 0 kept training its head
+    ray.kill(worker)
+    ray.kill(store)
+
+
+def _comparable(run_dir) -> pd.DataFrame:
+    df = pq.read_table(run_dir / "rounds.parquet").to_pandas()
+    return df[[c for c in df.columns if not c.startswith(("time/", "memory/"))]]
+
+
+def test_same_seed_same_clients_and_metrics(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedprox", "strategy.mu=0.1")
+    first, second = run_experiment(cfg), run_experiment(cfg)
+    pd.testing.assert_frame_equal(_comparable(first), _comparable(second), rtol=1e-6)
+    clients = lambda d: pq.read_table(d / "clients").to_pandas().sort_values(["round", "client_id"])  # noqa: E731
+    assert clients(first)["client_id"].tolist() == clients(second)["client_id"].tolist()
+
+    other = run_experiment(small_config(data_dir, tmp_path, "strategy.name=fedprox", "strategy.mu=0.1", "seed=4"))
+    assert clients(other)["client_id"].tolist() != clients(first)["client_id"].tolist()
+    assert sample_clients(3, 1, 100, 0.1) == sample_clients(3, 1, 100, 0.1) != sample_clients(3, 2, 100, 0.1)
+
+
+def test_dedicated_actors_give_the_pool_result(data_dir, tmp_path, ray_session):
+    base = ("clients.num=3", "clients.fraction=1.0", "clients.num_cpus=0.5", "rounds=1")
+    pool = run_experiment(small_config(data_dir, tmp_path, *base))
+    dedicated = run_experiment(small_config(data_dir, tmp_path, *base, "engine.mode=dedicated"))
+    pd.testing.assert_frame_equal(_comparable(pool), _comparable(dedicated), rtol=1e-4)
+    placed = pq.read_table(dedicated / "clients").to_pandas()
+    assert sorted(zip(placed["client_id"], placed["worker"])) == [(0, 0), (1, 1), (2, 2)]  # one actor per client
+
+
+def test_non_finite_updates_are_never_aggregated(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "clients.lr=1e30", "rounds=1")
+    with pytest.raises(Exception) as info:
+        run_experiment(cfg)
+    failure = info.value.cause if hasattr(info.value, "cause") else info.value
+    assert isinstance(failure, ClientFailure) and "every client update was rejected" in str(failure)
+    assert "non-finite" in str(failure)
+    summary = next((tmp_path / "results").glob("*/summary.json")).read_text()
+    assert "failed" in summary  # the run folder says why it stopped
+
+
+def test_layouts_that_cannot_fit_are_refused(data_dir, tmp_path):
+    cfg = small_config(data_dir, tmp_path, "clients.num_cpus=4")
+    with pytest.raises(ResourceError, match="needs clients.num_cpus=4 CPUs but the cluster has 2"):
+        plan_workers(cfg, {"CPU": 2.0, "memory": 8e9})
+    cfg = small_config(data_dir, tmp_path, "clients.num_gpus=0.25")
+    with pytest.raises(ResourceError, match="clients.num_gpus=0.25 but the cluster has 0 GPU"):
+        plan_workers(cfg, {"CPU": 2.0})
+    cfg = small_config(data_dir, tmp_path, "engine.mode=dedicated")
+    with pytest.raises(ResourceError, match="one actor per client \\(6\\)"):
+        plan_workers(cfg, {"CPU": 2.0, "memory": 8e9})
+    assert plan_workers(small_config(data_dir, tmp_path, "clients.num_gpus=0.25"), {"CPU": 16.0, "GPU": 1.0}) == 3
+    assert plan_workers(small_config(data_dir, tmp_path), {"CPU": 2.0, "memory": 8e9}) == 2
