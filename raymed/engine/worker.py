@@ -9,6 +9,7 @@ pattern (workers reused across clients, one reduce per worker per round) rather 
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
@@ -24,6 +25,8 @@ from raymed.errors import ClientFailure, RaymedError, ResourceError
 from raymed.methods import ClientContext, Weights, build_method
 from raymed.methods.base import load_weights, to_model_input
 from raymed.models import build_model
+
+logger = logging.getLogger("raymed.worker")
 
 
 def float_state(model: torch.nn.Module) -> Weights:
@@ -83,7 +86,9 @@ class ClientWorker:
                     f"client {client_id} failed in round {round_} on worker {self.index}: {type(exc).__name__}: {exc}"
                 ) from exc
             problem = update.problem(payload)
-            if problem is None:
+            if problem is not None:
+                logger.warning("round %d: update of client %d rejected, not aggregated: %s", round_, client_id, problem)
+            else:
                 accumulator.add(update)
                 if update.state is not None:
                     states[client_id] = update.state
