@@ -141,24 +141,24 @@ def cmd_data_check(args) -> int:
     from medmnist import INFO
     from rich.table import Table
 
-    from raymed.data.medmnist_files import file_name, locate
+    from raymed.data.medmnist_files import file_name, find_file, search_dirs, verify
 
     table = Table(title="MedMNIST files")
     for col in ("flag", "status", "path"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     found = 0
     for flag in sorted(INFO):
+        path = find_file(flag, args.size, args.root)
+        if path is None:
+            table.add_row(flag, "missing", file_name(flag, args.size))
+            continue
         try:
-            f = locate(flag, args.size, args.root)
-            status = "[yellow]synthetic[/yellow]" if f.synthetic else "[green]ok (md5 matches)[/green]"
-            table.add_row(flag, status, str(f.path))
+            status = "[yellow]synthetic[/yellow]" if verify(path, flag, args.size).synthetic else "[green]ok (md5 matches)[/green]"
             found += 1
-        except DataError as exc:
-            status = "[red]corrupt[/red]" if "corrupt" in str(exc) else "missing"
-            table.add_row(flag, status, file_name(flag, args.size) if status == "missing" else str(exc).split(" is ")[0])
+        except DataError:
+            status = "[red]corrupt (md5 differs)[/red]"
+        table.add_row(flag, status, str(path))
     console.print(table)
-    from raymed.data.medmnist_files import search_dirs
-
     console.print(f"{found} of {len(INFO)} found; searched {', '.join(str(d) for d in search_dirs(args.root))}")
     return 0
 

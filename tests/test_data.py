@@ -1,4 +1,3 @@
-import shutil
 
 import medmnist
 import numpy as np

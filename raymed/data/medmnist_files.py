@@ -115,12 +115,20 @@ def verify(path: Path, flag: str, size: int = 28) -> DatasetFile:
     )
 
 
+def find_file(flag: str, size: int = 28, root: str | None = None) -> Path | None:
+    """The first ``{flag}.npz`` in the search order, unchecked; None when there is none."""
+    for directory in search_dirs(root):
+        if (directory / file_name(flag, size)).is_file():
+            return directory / file_name(flag, size)
+    return None
+
+
 def locate(flag: str, size: int = 28, root: str | None = None, download: bool = False) -> DatasetFile:
     name = file_name(flag, size)
     dirs = search_dirs(root)
-    for directory in dirs:
-        if (directory / name).is_file():
-            return verify(directory / name, flag, size)
+    found = find_file(flag, size, root)
+    if found is not None:
+        return verify(found, flag, size)
     if download:
         return _download(flag, size, dirs[0])
     looked = ", ".join(str(d) for d in dirs)

@@ -1,8 +1,24 @@
-"""Engine: Ray server actor + client worker pool. It calls the method interface and knows no method."""
+"""Engine: Ray server actor + client worker pool. It calls the method interface and knows no method.
 
-from raymed.engine.federation import run_experiment
-from raymed.engine.runtime import init_ray, plan_workers
-from raymed.engine.server import ServerActor, assign, sample_clients
-from raymed.engine.worker import ClientWorker
+Exports are imported on first use (PEP 562), so a process that only needs a light piece, such as
+the client-state actor, does not import torch through this package.
+"""
 
-__all__ = ["ClientWorker", "ServerActor", "assign", "init_ray", "plan_workers", "run_experiment", "sample_clients"]
+from importlib import import_module
+
+_EXPORTS = {
+    "run_experiment": "raymed.engine.federation",
+    "init_ray": "raymed.engine.runtime",
+    "plan_workers": "raymed.engine.runtime",
+    "ServerActor": "raymed.engine.server",
+    "assign": "raymed.engine.server",
+    "sample_clients": "raymed.engine.server",
+    "ClientWorker": "raymed.engine.worker",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'raymed.engine' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from raymed.data.medmnist_files import locate_all
 from raymed.data.shards import materialise
 from raymed.engine.runtime import init_ray, plan_workers
 from raymed.engine.server import ServerActor
+from raymed.errors import find_user_error
 from raymed.results.store import RunWriter
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -58,8 +59,6 @@ def run_experiment(
                 on_round(r, result["metrics"])
         status = "completed"
     except BaseException as exc:
-        from raymed.errors import find_user_error
-
         if not isinstance(exc, KeyboardInterrupt):
             status = f"failed: {find_user_error(exc) or type(exc).__name__ + ': ' + str(exc).splitlines()[0]}"
         raise

@@ -80,7 +80,8 @@ class ServerActor:
         sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction)
         payload_ref = ray.put(self.method.broadcast(self.state))
         if self.cfg.engine.mode == "dedicated":
-            groups = [[c] if c in sampled else [] for c in range(len(self.workers))]
+            chosen = set(sampled)
+            groups = [[c] if c in chosen else [] for c in range(len(self.workers))]
         else:
             groups = assign(sampled, {c: self.sizes[c][0] for c in sampled}, len(self.workers))
         futures = [
@@ -139,9 +140,10 @@ class ServerActor:
                 chunks[i % len(self.workers)].append((flag, start, min(start + step, n)))
         ref = ray.put(weights)
         parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(self.workers, chunks) if c]), [])
+        parts.sort(key=lambda p: (p[0], p[1]))  # (dataset, first row): chunks back in test-split order
         out: dict[str, float] = {}
         for flag, task in self.shards.tasks.items():
-            scores = np.concatenate([s for f, _, s in sorted(parts, key=lambda p: (p[0], p[1])) if f == flag])
+            scores = np.concatenate([s for f, _, s in parts if f == flag])
             for name, value in task.metrics(scores, self.shards.test(flag).labels).items():
                 out[f"global/{flag}/{name}"] = value
         out["global/mean/acc"] = float(np.mean([out[f"global/{f}/acc"] for f in self.shards.tasks]))

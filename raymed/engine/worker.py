@@ -23,7 +23,7 @@ from raymed.config import validate_config
 from raymed.data.shards import ShardSet
 from raymed.errors import ClientFailure, RaymedError, ResourceError
 from raymed.methods import ClientContext, Weights, build_method
-from raymed.methods.base import load_weights, to_model_input
+from raymed.methods.base import load_weights, nbytes, to_model_input
 from raymed.models import build_model
 
 logger = logging.getLogger("raymed.worker")
@@ -32,10 +32,6 @@ logger = logging.getLogger("raymed.worker")
 def float_state(model: torch.nn.Module) -> Weights:
     """The model's floating-point state (parameters and running statistics) as numpy arrays."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def nbytes(weights: Weights) -> int:
-    return sum(v.nbytes for v in weights.values())
 
 
 class ClientWorker:

@@ -30,6 +30,11 @@ from raymed.models import FedModel
 Weights = dict[str, np.ndarray]
 
 
+def nbytes(weights: Weights) -> int:
+    """Bytes on the wire for a set of weights (the communication accounting)."""
+    return sum(v.nbytes for v in weights.values())
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,7 +59,7 @@ class ClientUpdate:
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.delta.values())
+        return nbytes(self.delta)
 
     def problem(self, payload: Weights) -> str | None:
         """Why this update must not be aggregated, or None."""
@@ -136,6 +141,8 @@ class ClientContext:
     device: torch.device
     initial_weights: Weights  # the seeded initialisation, identical on the server and every worker
     state: dict[str, np.ndarray] | None = None
+    _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
+    _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_train(self) -> int:
@@ -146,7 +153,11 @@ class ClientContext:
         return self.model.state_keys(self.shard.datasets)
 
     def rng(self) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.round, self.client_id])
+        """This client's random stream for this round, seeded by (seed, round, client); one per context,
+        so successive local epochs draw different batch orders."""
+        if self._rng is None:
+            self._rng = np.random.default_rng([self.seed, self.round, self.client_id])
+        return self._rng
 
     def load(self, weights: Weights) -> None:
         load_weights(self.model, weights)
@@ -161,26 +172,32 @@ class ClientContext:
         local = self.read(keys)
         return {k: local[k] - payload[k] for k in keys}
 
-    def batches(self, split: str = "train", batch_size: int | None = None, shuffle: bool = True):
-        """Yield (dataset, x, y) mini-batches over the client's data, one dataset per batch.
+    def tensors(self, split: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The client's (x, y) per dataset for ``split``, on the device; built once per context."""
+        if split not in self._tensors:
+            parts: dict[str, Split] = getattr(self.shard, split)
+            self._tensors[split] = {
+                flag: (
+                    to_model_input(np.array(part.images), self.model.in_channels, self.device),
+                    torch.as_tensor(np.array(part.labels), device=self.device),
+                )
+                for flag, part in parts.items()
+                if len(part)
+            }
+        return self._tensors[split]
 
-        Each dataset's block is moved to the device once; batch order is seeded by (seed, round, client).
-        """
-        parts: dict[str, Split] = getattr(self.shard, split)
+    def batches(self, split: str = "train", batch_size: int | None = None, shuffle: bool = True):
+        """Yield (dataset, x, y) mini-batches over the client's data, one dataset per batch, in an
+        order drawn from :meth:`rng` (a new order on every call, the same on every rerun)."""
         batch_size = batch_size or self.train.batch_size
         rng = self.rng()
-        plan, tensors = [], {}
-        for flag, part in parts.items():
-            if len(part) == 0:
-                continue
-            tensors[flag] = (
-                to_model_input(np.array(part.images), self.model.in_channels, self.device),
-                torch.as_tensor(np.array(part.labels), device=self.device),
-            )
-            order = rng.permutation(len(part)) if shuffle else np.arange(len(part))
-            plan += [(flag, order[i : i + batch_size]) for i in range(0, len(part), batch_size)]
+        plan = []
+        for flag, (x, _) in self.tensors(split).items():
+            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            plan += [(flag, order[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         if shuffle:
             plan = [plan[i] for i in rng.permutation(len(plan))]
+        tensors = self.tensors(split)
         for flag, rows in plan:
             x, y = tensors[flag]
             index = torch.as_tensor(rows, device=self.device)
