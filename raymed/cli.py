@@ -1,4 +1,4 @@
-"""``raymed`` command line: run, report, data check, data synth.
+"""``raymed`` command line: run, tune, report, data check, data synth.
 
 Errors in the user's input or environment print one line (``raymed: <kind>: <what and what to do>``)
 and exit with status 2; set ``RAYMED_DEBUG=1`` to see tracebacks.
@@ -28,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set clients.lr=0.01 (repeatable)")
     run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tune = sub.add_parser("tune", help="a Ray Tune sweep: each trial one whole federation (see tune_configs/)")
+    tune.add_argument("sweep", help="sweep YAML, e.g. tune_configs/fedprox_mu_lr.yaml")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key, e.g. --set num_samples=4 or --set overrides.rounds=5 (repeatable)")
+    tune.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
+    tune.add_argument("--storage-path", help="where Tune writes trials, checkpoints and the best config (default: the sweep's storage_path)")
+    tune.add_argument("--quiet", action="store_true", help="no Tune progress tables")
 
     rep = sub.add_parser("report", help="print a table of runs and plot each metric against rounds")
     rep.add_argument("runs", nargs="+", help="run folders")
@@ -129,6 +136,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from raymed.config import set_key
+    from raymed.sweep import load_sweep, run_sweep
+
+    overrides = list(args.overrides)
+    if args.storage_path:
+        overrides.append(f"storage_path={args.storage_path}")
+    sweep, experiment = load_sweep(args.sweep, overrides)
+    if args.address:
+        set_key(experiment, "ray.address", args.address)
+    run_sweep(sweep, experiment, console, verbose=0 if args.quiet else 1)
+    return 0
+
+
 def cmd_report(args) -> int:
     from raymed.results import report
 
@@ -178,7 +199,7 @@ def cmd_data_synth(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report}
+    handlers = {"run": cmd_run, "tune": cmd_tune, "report": cmd_report}
     handler = handlers.get(args.command) or {"check": cmd_data_check, "synth": cmd_data_synth}[args.data_command]
     try:
         return handler(args)

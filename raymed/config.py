@@ -185,15 +185,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part!r} holds a value, not a section of keys")
-            node = child
-        node[parts[-1]] = value
+        set_key(out, key.strip(), value, what="--set")
     return out
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, what: str = "key") -> None:
+    """Set the dotted ``key`` (``clients.lr``) of a raw config mapping in place."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what} {key}: {part!r} holds a value, not a section of keys")
+        node = child
+    node[parts[-1]] = value
 
 
 def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
@@ -207,7 +212,7 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
+def format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
     first = err.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     path = ".".join(prefix + loc) or "(top level)"
@@ -230,7 +235,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, ExperimentConfig)) from None
+        raise ConfigError(format_error(err, ExperimentConfig)) from None
 
     if cfg.model.name not in MODELS:
         raise ConfigError(f"model.name: got {cfg.model.name!r}; allowed: {', '.join(sorted(MODELS))}")
@@ -242,7 +247,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         params = method.Params.model_validate(cfg.strategy.params)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, method.Params, prefix=("strategy",))) from None
+        raise ConfigError(format_error(err, method.Params, prefix=("strategy",))) from None
     # Store the resolved parameters (defaults filled in) so the saved config is complete.
     cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,29 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Through the environment: pytest may import this file twice (as conftest and tests.conftest).
+METRICS_PORT = int(os.environ.setdefault("RAYMED_TEST_METRICS_PORT", str(free_port())))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
+    """One local Ray for the whole session (2 logical CPUs, as on CI), exporting metrics every second."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield ray
     ray.shutdown()
 

@@ -80,7 +80,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     """Build (or reuse) the shard set for ``cfg``; return its folder."""
     d = cfg.data
     files = files if files is not None else locate_all(d.datasets, d.size, d.root, d.download)
-    out = default_cache_dir(cfg) / shard_key(cfg, files)
+    out = (default_cache_dir(cfg) / shard_key(cfg, files)).resolve()  # actors may run in other folders
     if (out / "meta.json").is_file():
         return out
 

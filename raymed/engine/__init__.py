@@ -8,6 +8,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "run_experiment": "raymed.engine.federation",
+    "Federation": "raymed.engine.federation",
+    "Placement": "raymed.engine.runtime",
+    "federation_bundles": "raymed.engine.runtime",
     "init_ray": "raymed.engine.runtime",
     "plan_workers": "raymed.engine.runtime",
     "ServerActor": "raymed.engine.server",

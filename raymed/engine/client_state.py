@@ -28,6 +28,10 @@ class ClientStateStore:
             self._put(client_id, state)
         return len(states)
 
+    def snapshot(self) -> dict[int, Any]:
+        """Every client's state (for a checkpoint of the whole federation)."""
+        return {c: self._get(c) for c in self.keys()}
+
     def keys(self) -> list[int]:
         if self.folder is None:
             return sorted(self.memory)

@@ -1,11 +1,16 @@
 """Driver side of a run: data checked and sharded, Ray started, server actor launched, rounds logged.
 
-Data problems are found before Ray starts (fail fast, one line). Results are written after every
-round, so a failure or an interrupt keeps all finished rounds and says why in ``summary.json``.
+:class:`Federation` is one federation, stepped round by round: ``raymed run`` drives it to the end
+(:func:`run_experiment`), a Ray Tune trial drives it inside the trial's placement group and reports
+after each evaluation. Data problems are found before Ray starts (fail fast, one line). Results are
+written after every round, so a failure or an interrupt keeps all finished rounds and says why in
+``summary.json``. A checkpoint holds the server state, every client's persistent state and the
+rounds so far, so a restored federation continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +20,109 @@ import ray
 from raymed.config import ExperimentConfig
 from raymed.data.medmnist_files import locate_all
 from raymed.data.shards import materialise
-from raymed.engine.runtime import init_ray, plan_workers
+from raymed.engine.runtime import Placement, init_ray, plan_workers
 from raymed.engine.server import ServerActor
-from raymed.errors import find_user_error
+from raymed.errors import DataError, find_user_error
 from raymed.results.store import RunWriter
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+CHECKPOINT_FILE = "federation.pkl"
+
+
+class Federation:
+    """One federation on Ray: its server actor (which owns the client pool) and its run folder."""
+
+    def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None):
+        self.cfg = cfg
+        d = cfg.data
+        files = locate_all(d.datasets, d.size, d.root, d.download)
+        shard_dir = materialise(cfg, files)
+        self.writer = RunWriter(
+            cfg,
+            {
+                "synthetic": any(f.synthetic for f in files),
+                "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
+                "shards": str(shard_dir),
+            },
+        )
+        self.dashboard = init_ray(cfg.ray)
+        self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
+        options: dict[str, Any] = {"name": f"{self.name}.server", "num_cpus": cfg.server.num_cpus, "num_gpus": cfg.server.num_gpus}
+        if placement:
+            options["scheduling_strategy"] = placement.strategy(placement.server_bundle)
+        self.server = ray.remote(ServerActor).options(**options).remote(
+            cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement
+        )
+        self.round = 0
+        self.info: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.writer.name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.writer.dir
+
+    def start(self) -> dict[str, Any]:
+        """Wait for the server and its workers; returns where they run."""
+        described = ray.get(self.server.describe.remote())
+        self.writer.add_meta(workers=described["workers"], dashboard=self.dashboard)
+        self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard, **described}
+        return self.info
+
+    def step(self) -> dict[str, Any]:
+        """Run and log one round; returns its metrics."""
+        result = ray.get(self.server.run_round.remote())
+        self.writer.log_round(result)
+        self.round = int(result["metrics"]["round"])
+        return result["metrics"]
+
+    def checkpoint(self, folder: str | Path) -> Path:
+        """Write the whole federation's state to ``folder``; returns the file."""
+        store = ray.get(self.server.client_state_store.remote())
+        state, clients = ray.get([self.server.get_state.remote(), store.snapshot.remote()])
+        path = Path(folder) / CHECKPOINT_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(pickle.dumps({"server": state, "clients": clients, "rounds": self.writer.rounds}, protocol=5))
+        tmp.replace(path)
+        return path
+
+    def restore(self, folder: str | Path) -> int:
+        """Continue from a checkpoint written by :meth:`checkpoint`; returns its round."""
+        path = Path(folder) / CHECKPOINT_FILE
+        try:
+            saved = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise DataError(f"cannot read the federation checkpoint {path}: {exc}; give a folder written by a raymed checkpoint") from None
+        store = ray.get(self.server.client_state_store.remote())
+        ray.get([self.server.set_state.remote(saved["server"]), store.put_many.remote(saved["clients"])])
+        self.writer.restore_rounds(saved["rounds"])
+        self.round = saved["server"].round
+        return self.round
+
+    def close(self, status: str) -> None:
+        self.writer.finish(status)
+        ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            status = failure_status(exc)
+        elif self.round >= self.cfg.rounds:
+            status = "completed"
+        else:
+            status = f"stopped after round {self.round}"
+        self.close(status)
+        return False
+
+
+def failure_status(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"failed: {find_user_error(exc) or type(exc).__name__ + ': ' + str(exc).splitlines()[0]}"
 
 
 def run_experiment(
@@ -29,40 +131,12 @@ def run_experiment(
     on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run one federation to the end; returns its result folder."""
-    d = cfg.data
-    files = locate_all(d.datasets, d.size, d.root, d.download)
-    shard_dir = materialise(cfg, files)
-    writer = RunWriter(
-        cfg,
-        {
-            "synthetic": any(f.synthetic for f in files),
-            "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
-            "shards": str(shard_dir),
-        },
-    )
-    dashboard = init_ray(cfg.ray)
-    num_workers = plan_workers(cfg, ray.cluster_resources())
-    server_cls = ray.remote(ServerActor)
-    server = server_cls.options(
-        name=f"{writer.name}.server", num_cpus=cfg.server.num_cpus, num_gpus=cfg.server.num_gpus
-    ).remote(cfg.to_dict(), str(shard_dir), num_workers, writer.name, str(writer.dir / "client_state"))
-    status = "interrupted"
-    try:
-        described = ray.get(server.describe.remote())
-        writer.add_meta(workers=described["workers"], dashboard=dashboard)
+    with Federation(cfg) as federation:
+        info = federation.start()
         if on_start:
-            on_start({"run_dir": writer.dir, "num_workers": num_workers, "dashboard": dashboard, **described})
-        for r in range(1, cfg.rounds + 1):
-            result = ray.get(server.run_round.remote())
-            writer.log_round(result)
+            on_start(info)
+        while federation.round < cfg.rounds:
+            metrics = federation.step()
             if on_round:
-                on_round(r, result["metrics"])
-        status = "completed"
-    except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):
-            status = f"failed: {find_user_error(exc) or type(exc).__name__ + ': ' + str(exc).splitlines()[0]}"
-        raise
-    finally:
-        writer.finish(status)
-        ray.kill(server)  # its client workers are owned by it and go with it
-    return writer.dir
+                on_round(federation.round, metrics)
+    return federation.run_dir

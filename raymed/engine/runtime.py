@@ -12,13 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import ray
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymed.config import ExperimentConfig, RayConfig
 from raymed.errors import ResourceError
 
 WORKER_MEMORY_BYTES = 0.6 * 2**30  # measured: a Ray actor that imports torch holds about 0.55 GB RSS
+TRIAL_DRIVER_CPUS = 0.25  # a Tune trial's own process only waits on its server actor
 
 
 def init_ray(cfg: RayConfig) -> str | None:
@@ -98,3 +102,63 @@ def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
             )
         return want
     return max(1, min(fit, memory_fit, clients_per_round(cfg)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A federation inside a placement group (one Ray Tune trial)
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
+
+def trial_workers(cfg: ExperimentConfig) -> int:
+    """Client workers of a federation that runs in its own placement group (a Tune trial).
+
+    There the cluster is shared with other trials, so ``engine.num_workers: auto`` means one worker
+    and trials pack side by side; set ``engine.num_workers`` for wider trials.
+    """
+    if cfg.engine.mode == "dedicated":
+        return cfg.clients.num
+    return 1 if cfg.engine.num_workers == "auto" else int(cfg.engine.num_workers)
+
+
+def federation_bundles(cfg: ExperimentConfig, num_workers: int) -> list[dict[str, float]]:
+    """Placement-group bundles of one federation: the trial's driver (which also hosts the zero-CPU
+    server and client-state actors), the server when it asks for resources, one per client worker."""
+    server = _bundle(cfg.server.num_cpus, cfg.server.num_gpus)
+    worker = _bundle(cfg.clients.num_cpus, cfg.clients.num_gpus)
+    return [{"CPU": TRIAL_DRIVER_CPUS}, *([server] if server else []), *[dict(worker) for _ in range(num_workers)]]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which bundle of a placement group each actor of a federation takes (see federation_bundles)."""
+
+    group: PlacementGroup
+    server_bundle: int
+    worker_bundles: tuple[int, ...]
+
+    @classmethod
+    def of_current_trial(cls, cfg: ExperimentConfig) -> Placement | None:
+        """The layout inside the placement group this process runs in, or None outside one."""
+        group = get_current_placement_group()
+        if group is None:
+            return None
+        server_bundle = 1 if _bundle(cfg.server.num_cpus, cfg.server.num_gpus) else 0
+        first = server_bundle + 1
+        workers = tuple(range(first, first + trial_workers(cfg)))
+        if len(group.bundle_specs) != first + len(workers):
+            raise ResourceError(
+                f"the placement group has {len(group.bundle_specs)} bundles but this federation needs "
+                f"{first + len(workers)} (see raymed.engine.runtime.federation_bundles); launch it with those bundles"
+            )
+        return cls(group, server_bundle, workers)
+
+    def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
+
+    @property
+    def helper_strategy(self) -> PlacementGroupSchedulingStrategy:
+        """For zero-resource helpers (the client-state actor): the driver's bundle."""
+        return self.strategy(0)

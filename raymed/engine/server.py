@@ -25,9 +25,11 @@ import ray
 from raymed.config import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
+from raymed.engine.runtime import Placement
+from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, float_state
 from raymed.errors import ClientFailure
-from raymed.methods import WeightedMean, build_method
+from raymed.methods import ServerState, WeightedMean, build_method
 from raymed.models import build_model
 
 
@@ -50,21 +52,37 @@ def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[l
 
 
 class ServerActor:
-    def __init__(self, cfg: dict[str, Any], shard_dir: str, num_workers: int, run_name: str, state_dir: str | None):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        shard_dir: str,
+        num_workers: int,
+        run_name: str,
+        state_dir: str | None,
+        placement: Placement | None = None,
+    ):
         self.cfg = validate_config(cfg)
+        self.telemetry = Telemetry(run_name)
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.shards = ShardSet(shard_dir)
         initial = float_state(build_model(self.cfg.model.name, self.shards.tasks, self.cfg.seed))
         self.state = self.method.init_state(initial)
         self.sizes = self.shards.client_sizes()
         folder = state_dir if self.cfg.engine.client_state == "disk" else None
-        self.store = ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0).remote(folder)
+        # Inside a placement group (a Tune trial) every actor is pinned to its bundle; otherwise Ray places them.
+        helper = {"scheduling_strategy": placement.helper_strategy} if placement else {}
+        self.store = (
+            ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0, **helper).remote(folder)
+        )
         c = self.cfg.clients
         worker_cls = ray.remote(ClientWorker)
         self.workers = [
-            worker_cls.options(name=f"{run_name}.client-pool-{i}", num_cpus=c.num_cpus, num_gpus=c.num_gpus).remote(
-                cfg, shard_dir, i, self.store
-            )
+            worker_cls.options(
+                name=f"{run_name}.client-pool-{i}",
+                num_cpus=c.num_cpus,
+                num_gpus=c.num_gpus,
+                **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
+            ).remote(cfg, shard_dir, i, self.store, run_name)
             for i in range(num_workers)
         ]
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
@@ -93,7 +111,7 @@ class ServerActor:
         train_s = time.perf_counter() - start
 
         merged: WeightedMean = self.method.new_accumulator()
-        records = []
+        records: list[dict[str, Any]] = []
         for result in results:
             merged.merge(result["accumulator"])
             records += result["records"]
@@ -124,6 +142,7 @@ class ServerActor:
                 metrics.update(personal_metrics)
             metrics["time/eval_s"] = time.perf_counter() - eval_start
         metrics["time/round_s"] = time.perf_counter() - start
+        self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in records))
         return {"metrics": metrics, "clients": records, "evaluation": evaluation}
 
     # ---- evaluation
@@ -173,7 +192,15 @@ class ServerActor:
         out["personal/client_mean/acc"] = float(np.mean(client_acc))
         return out, rows
 
-    # ---- state access (checkpointing, tests)
+    # ---- state access (checkpoints, tests)
 
-    def get_state(self):
+    def get_state(self) -> ServerState:
         return self.state
+
+    def set_state(self, state: ServerState) -> int:
+        self.state = state
+        return state.round
+
+    def client_state_store(self) -> Any:
+        """The handle of the clients' state actor (checkpoints read it directly, not through here)."""
+        return self.store

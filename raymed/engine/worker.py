@@ -21,6 +21,7 @@ import torch
 
 from raymed.config import validate_config
 from raymed.data.shards import ShardSet
+from raymed.engine.telemetry import Telemetry
 from raymed.errors import ClientFailure, RaymedError, ResourceError
 from raymed.methods import ClientContext, Weights, build_method
 from raymed.methods.base import load_weights, nbytes, to_model_input
@@ -35,9 +36,10 @@ def float_state(model: torch.nn.Module) -> Weights:
 
 
 class ClientWorker:
-    def __init__(self, cfg: dict[str, Any], shard_dir: str, index: int, state_store: Any):
+    def __init__(self, cfg: dict[str, Any], shard_dir: str, index: int, state_store: Any, run_name: str = "run"):
         self.cfg = validate_config(cfg)
         self.index = index
+        self.telemetry = Telemetry(run_name)
         self.state_store = state_store  # actor handle: clients' persistent state, never seen by the server
         torch.set_num_threads(max(1, int(self.cfg.clients.num_cpus)))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +51,9 @@ class ClientWorker:
         self.checked_fit = False
 
     def info(self) -> dict[str, Any]:
-        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device), "pid": os.getpid()}
+        context = ray.get_runtime_context()
+        group = context.get_placement_group_id()
+        return {"index": self.index, "node_id": context.get_node_id(), "placement_group": group, "device": str(self.device), "pid": os.getpid()}
 
     def _context(self, client_id: int, round_: int, state) -> ClientContext:
         return ClientContext(
@@ -70,6 +74,7 @@ class ClientWorker:
         accumulator = self.method.new_accumulator()
         records, states = [], {}
         down = nbytes(payload)
+        self.telemetry.set("raymed_round_clients_finished", 0, worker=str(self.index))
         for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
             ctx = self._context(client_id, round_, state)
             start = time.perf_counter()
@@ -102,6 +107,7 @@ class ClientWorker:
                     "rejected": problem,
                 }
             )
+            self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
             ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
         if not self.checked_fit:

@@ -80,13 +80,22 @@ class RunWriter:
     def log_round(self, result: dict[str, Any]) -> None:
         metrics = result["metrics"]
         self.rounds.append(metrics)
-        _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(self.rounds), preserve_index=False), self.dir / "rounds.parquet")
+        self._write_rounds()
         r = int(metrics["round"])
         for part in ("clients", "evaluation"):
             if result.get(part):
                 (self.dir / part).mkdir(exist_ok=True)
                 table = pa.Table.from_pandas(pd.DataFrame(result[part]), preserve_index=False)
                 _atomic_parquet(table, self.dir / part / f"round-{r:04d}.parquet")
+
+    def restore_rounds(self, rounds: list[dict[str, float]]) -> None:
+        """Start from the rounds of a checkpoint (their per-client files stay in the earlier run's folder)."""
+        self.rounds = list(rounds)
+        if self.rounds:
+            self._write_rounds()
+
+    def _write_rounds(self) -> None:
+        _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(self.rounds), preserve_index=False), self.dir / "rounds.parquet")
 
     def finish(self, status: str) -> dict[str, Any]:
         summary = {

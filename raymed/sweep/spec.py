@@ -1,0 +1,194 @@
+"""Sweep YAML → validated :class:`SweepConfig`, and its search space as Ray Tune domains.
+
+A sweep file::
+
+    name: fedprox-mu-lr
+    experiment: ../raymed/configs/default.yaml   # a path (relative to this file) or an inline mapping
+    overrides: {rounds: 10, strategy: {name: fedprox}}   # applied on top of the experiment
+    search_space:                                # dotted experiment keys -> one Tune domain each
+      strategy.mu: {loguniform: [0.001, 1.0]}
+      clients.lr: {grid: [0.01, 0.05, 0.1]}
+    metric: personal/client_mean/acc
+    mode: max
+    num_samples: 2                               # samples of the random/Optuna domains (x every grid point)
+    scheduler: {name: asha, grace_period: 2}     # fifo | asha | pbt
+    search: {name: random}                       # random | optuna
+    storage_path: tune_results
+
+Every search-space key is checked against the experiment schema before any trial starts (its
+bounds, or each of its choices, are validated as the experiment's value), so a typo or an
+out-of-range value is one line, not a failed sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from ray import tune
+
+from raymed.config import ExperimentConfig, Section, format_error, apply_overrides, load_yaml, set_key, validate_config
+from raymed.errors import ConfigError
+
+# search_space entry name -> (Tune domain constructor, how its arguments are given)
+DOMAINS: dict[str, Any] = {
+    "grid": tune.grid_search,  # a list of values, each run (x num_samples)
+    "choice": tune.choice,  # a list of values, one drawn per sample
+    "uniform": tune.uniform,  # [low, high]
+    "loguniform": tune.loguniform,  # [low, high]
+    "quniform": tune.quniform,  # [low, high, q]
+    "qloguniform": tune.qloguniform,  # [low, high, q]
+    "randint": tune.randint,  # [low, high) integers
+    "lograndint": tune.lograndint,  # [low, high) integers
+    "qrandint": tune.qrandint,  # [low, high, q]
+}
+LIST_DOMAINS = ("grid", "choice")
+# Experiment keys holding paths: made absolute before trials start (a trial runs in its own folder).
+PATH_KEYS = ("data.root", "data.cache_dir", "output_dir")
+
+
+class SchedulerConfig(Section):
+    name: Literal["fifo", "asha", "pbt"] = "fifo"
+    grace_period: int = Field(1, ge=1)  # asha: rounds a trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # asha: 1/reduction_factor of the trials go on at each rung
+    perturbation_interval: int = Field(2, ge=1)  # pbt: rounds between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction copies the top fraction
+
+
+class SearchConfig(Section):
+    name: Literal["random", "optuna"] = "random"  # random: Tune's grid/random variant generator
+    seed: int | None = None  # optuna's sampler seed (default: the experiment's seed)
+
+
+class SweepConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str | dict[str, Any] | None = None  # None: the embedded default experiment
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, dict[str, list[Any]]]
+    metric: str = "personal/client_mean/acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    storage_path: str = "tune_results"
+    checkpoint_every: int = Field(0, ge=0)  # rounds between trial checkpoints (0: only the last; pbt: every report)
+
+    @field_validator("search_space")
+    @classmethod
+    def _domains(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not space:
+            raise ValueError("needs at least one key to search over")
+        for key, spec in space.items():
+            if len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+                raise ValueError(f"{key} must be one of {{{', '.join(DOMAINS)}: [...]}}, got {spec!r}")
+            kind, args = next(iter(spec.items()))
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"{key}: {kind} takes a non-empty list, got {args!r}")
+        return space
+
+    @model_validator(mode="after")
+    def _compatible(self) -> SweepConfig:
+        grids = [k for k, spec in self.search_space.items() if "grid" in spec]
+        if self.search.name == "optuna" and grids:
+            raise ValueError(f"search optuna cannot take grid entries ({', '.join(grids)}); use choice instead")
+        if self.scheduler.name == "pbt":
+            if self.search.name != "random":
+                raise ValueError("scheduler pbt mutates hyperparameters itself; use search random with it")
+            if len(grids) == len(self.search_space):
+                raise ValueError("scheduler pbt needs at least one non-grid search_space entry to mutate")
+        return self
+
+    def domains(self) -> dict[str, Any]:
+        """The Tune ``param_space``: one domain per dotted experiment key."""
+        out = {}
+        for key, spec in self.search_space.items():
+            kind, args = next(iter(spec.items()))
+            out[key] = DOMAINS[kind](args) if kind in LIST_DOMAINS else DOMAINS[kind](*args)
+        return out
+
+
+def probe_values(kind: str, args: list[Any]) -> list[Any]:
+    """Values that stand for a domain when checking it against the experiment schema."""
+    if kind in LIST_DOMAINS:
+        return list(args)
+    low, high = args[0], args[1]
+    if kind.endswith("randint"):
+        high = high - 1  # exclusive upper bound
+    return [low, high]
+
+
+def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) or {}
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if value:
+            path = Path(os.path.expanduser(str(value)))
+            set_key(raw, key, str(path if path.is_absolute() else (base / path).resolve()))
+    if raw.get("data", {}).get("cache_dir") is None:
+        # Trials write their run folders in their own working folders; their shards are shared here.
+        set_key(raw, "data.cache_dir", str((base / raw.get("output_dir", "results") / ".shards").resolve()))
+    if raw.get("data", {}).get("root") is None and os.environ.get("RAYMED_DATA_DIR"):
+        # Trials may run on other nodes: name the data folder in the config rather than in the environment.
+        set_key(raw, "data.root", str(Path(os.environ["RAYMED_DATA_DIR"]).expanduser().resolve()))
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
+    """Read and check a sweep; returns it and the experiment's raw mapping every trial starts from."""
+    from raymed.config import default_config_path
+
+    path = Path(path)
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {format_error(err, SweepConfig)}") from None
+
+    if isinstance(sweep.experiment, dict):
+        experiment = copy.deepcopy(sweep.experiment)
+    else:
+        source = default_config_path() if sweep.experiment is None else (path.parent / sweep.experiment)
+        experiment = load_yaml(source)
+    experiment = _deep_merge(experiment, sweep.overrides)
+    experiment.setdefault("name", sweep.name)
+    _absolute_paths(experiment, Path.cwd())
+    try:
+        validate_config(experiment)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: experiment: {exc}") from None
+    for key, spec in sweep.search_space.items():
+        kind, args = next(iter(spec.items()))
+        for value in probe_values(kind, args):
+            probe = copy.deepcopy(experiment)
+            set_key(probe, key, value, what="search_space key")
+            try:
+                validate_config(probe)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: search_space.{key} = {value!r}: {exc}") from None
+    if sweep.checkpoint_every == 0 and sweep.scheduler.name == "pbt":
+        sweep.checkpoint_every = 1  # PBT copies the state of good trials into bad ones at each report
+    return sweep, experiment
+
+
+def trial_config(experiment: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
+    """The experiment of one trial: the sweep's experiment with the trial's sampled keys set."""
+    raw = copy.deepcopy(experiment)
+    for key, value in params.items():
+        set_key(raw, key, value.item() if hasattr(value, "item") else value)  # numpy scalars from samplers
+    return validate_config(raw)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

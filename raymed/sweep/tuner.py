@@ -1,0 +1,156 @@
+"""Run a sweep with ``ray.tune.Tuner``; then the table of trials and the best config as an experiment YAML.
+
+Outputs, under ``<storage_path>/<name>/``: Tune's own files (one folder per trial with
+``result.json``, ``progress.csv``, TensorBoard event files, checkpoints and the trial's raymed run
+folder under ``raymed/``), plus ``trials.csv`` (one row per trial) and ``best.yaml`` (the best
+trial's resolved experiment, runnable with ``raymed run best.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from rich.console import Console
+from rich.table import Table
+
+from raymed.config import ExperimentConfig, save_config
+from raymed.engine.runtime import init_ray
+from raymed.engine.runtime import federation_bundles, trial_workers
+from raymed.errors import ClientFailure, ResourceError
+from raymed.sweep.spec import SweepConfig, probe_values, trial_config
+from raymed.sweep.trial import run_trial, trial_resources
+
+
+def check_trials_fit(sweep: SweepConfig, experiment: dict[str, Any], cluster: dict[str, float]) -> None:
+    """Refuse a sweep whose trial could never be placed: Tune would wait for it forever."""
+    probes = [{}] + [{key: v} for key, spec in sweep.search_space.items() for v in probe_values(*next(iter(spec.items())))]
+    for params in probes:
+        cfg = trial_config(experiment, params)
+        bundles = federation_bundles(cfg, trial_workers(cfg))
+        for resource in ("CPU", "GPU"):
+            need = sum(b.get(resource, 0.0) for b in bundles)
+            if need > cluster.get(resource, 0.0) + 1e-9:
+                where = f" with {', '.join(f'{k}={v}' for k, v in params.items())}" if params else ""
+                raise ResourceError(
+                    f"a trial{where} needs {need:g} {resource}s ({len(bundles)} bundles: {bundles}) but the cluster has "
+                    f"{cluster.get(resource, 0.0):g}; lower engine.num_workers, clients.num_cpus or clients.num_gpus"
+                )
+
+
+def _scheduler(sweep: SweepConfig, max_rounds: int):
+    s = sweep.scheduler
+    if s.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="round", max_t=max_rounds, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        mutations = {k: v for k, v in sweep.domains().items() if "grid" not in sweep.search_space[k]}
+        return PopulationBasedTraining(
+            time_attr="round",
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=mutations,
+            quantile_fraction=s.quantile_fraction,
+        )
+    return None  # FIFO
+
+
+def _searcher(sweep: SweepConfig, seed: int):
+    if sweep.search.name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=sweep.search.seed if sweep.search.seed is not None else seed)
+    return None  # Tune's variant generator: grid x random samples
+
+
+def run_sweep(
+    sweep: SweepConfig, experiment: dict[str, Any], console: Console | None = None, verbose: int = 1
+) -> dict[str, Any]:
+    """Run every trial; returns the sweep folder, the trials table, the best trial and its config path."""
+    console = console or Console()
+    base: ExperimentConfig = trial_config(experiment, {})
+    init_ray(base.ray)
+    check_trials_fit(sweep, experiment, ray.cluster_resources())
+    storage = Path(sweep.storage_path).expanduser().resolve()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiment=experiment, metric=sweep.metric, checkpoint_every=sweep.checkpoint_every),
+        trial_resources(experiment),
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=sweep.domains(),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            scheduler=_scheduler(sweep, base.rounds),
+            search_alg=_searcher(sweep, base.seed),
+            max_concurrent_trials=sweep.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(storage),
+            verbose=verbose,
+            # PBT restores a trial from another trial's older checkpoint: keep them all (they are small).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.name == "pbt" else 2),
+            sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' raymed run folders
+        ),
+    )
+    results = tuner.fit()
+    folder = storage / sweep.name
+
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        params = {k: result.config.get(k) for k in sweep.search_space}
+        rows.append(
+            {
+                "trial": str(m.get("trial_id") or Path(result.path).name).rsplit("_", 1)[-1],
+                **params,
+                "status": "error" if result.error else "ok",
+                "rounds": int(m.get("round", 0)),
+                sweep.metric: m.get(sweep.metric, float("nan")),
+                "wall_s": round(float(m.get("time_total_s", float("nan"))), 1),
+                "path": result.path,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table.to_csv(folder / "trials.csv", index=False)
+
+    ok = [r for r in results if not r.error and r.metrics and sweep.metric in r.metrics]
+    if not ok:
+        errors = "; ".join(str(r.error).strip().splitlines()[-1] for r in results if r.error)[:500]
+        raise ClientFailure(f"no trial of sweep {sweep.name} reported {sweep.metric}: {errors}; see {folder}")
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last", filter_nan_and_inf=True)
+    best_params = {k: best.config[k] for k in sweep.search_space}
+    best_cfg = trial_config(experiment, best_params)
+    best_cfg = best_cfg.model_copy(update={"name": f"{sweep.name}-best"})
+    best_path = folder / "best.yaml"
+    save_config(best_cfg, best_path)
+    _print(console, sweep, table, best_params, best.metrics[sweep.metric], folder, best_path)
+    return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best}
+
+
+def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, value: float, folder: Path, best_path: Path) -> None:
+    view = Table(title=f"sweep {sweep.name}: {len(table)} trials, {sweep.metric} ({sweep.mode}), last report of each trial")
+    shown = ["trial", *sweep.search_space, "status", "rounds", sweep.metric, "wall_s"]
+    for col in shown:
+        view.add_column(col, overflow="fold")
+    order = table.sort_values(sweep.metric, ascending=sweep.mode == "min", na_position="last")
+    for _, row in order.iterrows():
+        view.add_row(*[_fmt(row[c]) for c in shown])
+    console.print(view)
+    console.print(f"best: {', '.join(f'{k}={_fmt(v)}' for k, v in best.items())} → {sweep.metric} {value:.4f}")
+    console.print(f"best config: {best_path} (run it: raymed run {best_path})", soft_wrap=True)
+    console.print(f"trials: {folder / 'trials.csv'}; TensorBoard: tensorboard --logdir {folder}", soft_wrap=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,103 @@
+"""A federation on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
+
+The cluster runs in a subprocess (a pytest session holds one Ray per process). Each node has one
+CPU and each client worker asks for one, so the pool of two workers must spread over both nodes;
+the run must finish with the same numbers as on one node. The same cluster checks that the
+dashboard refuses a request without Ray's token and serves one with it, and that
+``ray job submit -- raymed run ...`` runs a federation through the jobs API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from raymed.config import save_config
+from raymed.engine import run_experiment
+from raymed.results.store import read_run
+from tests.conftest import small_config
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time, urllib.error, urllib.request
+    import raymed  # token authentication on, before Ray is imported
+    import ray
+    from ray.cluster_utils import Cluster
+    from raymed.config import validate_config
+    from raymed.engine import run_experiment
+
+    # Own ports for the dashboard and each node's agent: the test session's Ray holds the default ones.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_port": int(sys.argv[2]), "dashboard_agent_listen_port": int(sys.argv[5])})
+    cluster.add_node(num_cpus=1, num_gpus=0, dashboard_agent_listen_port=int(sys.argv[6]))
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    cfg = validate_config(json.loads(sys.argv[1]))
+    run_dir = run_experiment(cfg)
+
+    url = f"http://127.0.0.1:{sys.argv[2]}/api/version"
+    codes = {}
+    for name, headers in (("anonymous", {}), ("token", {"Authorization": "Bearer " + open(sys.argv[3]).read().strip()})):
+        try:
+            codes[name] = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).status
+        except urllib.error.HTTPError as exc:
+            codes[name] = exc.code
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    for attempt in range(10):  # the head's job agent can take a while to register on a loaded machine
+        job = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{sys.argv[2]}", "--",
+             "raymed", "run", sys.argv[4], "--address", "auto", "--quiet"],
+            capture_output=True, text=True, timeout=400,
+        )
+        if "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(3)
+    print("RESULT " + json.dumps({"run_dir": str(run_dir), "nodes": nodes, "dashboard": codes,
+                                  "job": {"rc": job.returncode, "out": (job.stdout + job.stderr)[-3000:]}}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_federation_spreads_over_two_nodes_and_matches_one_node(data_dir, tmp_path, ray_session):
+    from tests.conftest import free_port
+
+    cfg = small_config(data_dir, tmp_path, "engine.num_workers=2", "clients.num_cpus=1", "rounds=2")
+    job_config = tmp_path / "job.yaml"
+    save_config(cfg.model_copy(update={"output_dir": str(tmp_path / "job-results"), "name": "via-jobs-api"}), job_config)
+    token_file = os.path.expanduser("~/.ray/auth_token")  # written by the session's Ray (token mode)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict()), str(free_port()), token_file, str(job_config), str(free_port()), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        # The job's entrypoint `raymed` is found on the PATH of the nodes this process starts.
+        env={**os.environ, "RAY_AUTH_MODE": "token", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert len(result["nodes"]) == 2
+
+    two_nodes = read_run(result["run_dir"])
+    assert two_nodes["summary"]["status"] == "completed"
+    worker_nodes = {w["node_id"] for w in two_nodes["meta"]["workers"]}
+    assert worker_nodes == set(result["nodes"])  # one client worker on each node
+
+    one_node = read_run(run_experiment(cfg))["rounds"]  # the same federation on the session's single node
+    for key in ("train/loss", "global/mean/acc", "personal/client_mean/acc", "comm/bytes_up"):
+        np.testing.assert_allclose(two_nodes["rounds"][key], one_node[key], rtol=1e-6, err_msg=key)
+
+    assert result["dashboard"] == {"anonymous": 401, "token": 200}
+
+    assert result["job"]["rc"] == 0, result["job"]["out"]
+    (job_run,) = [d for d in (tmp_path / "job-results").glob("via-jobs-api-*") if d.is_dir()]
+    submitted = read_run(job_run)
+    assert submitted["summary"]["status"] == "completed"
+    np.testing.assert_allclose(submitted["rounds"]["train/loss"], one_node["train/loss"], rtol=1e-6)

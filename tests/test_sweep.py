@@ -1,0 +1,125 @@
+"""Ray Tune sweeps: a real ASHA sweep of real small federations, the sweep file's checks, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raymed.cli import main
+from raymed.config import load_config
+from raymed.engine import Federation, run_experiment
+from raymed.engine.runtime import federation_bundles
+from raymed.errors import ConfigError
+from raymed.results.store import read_run
+from raymed.sweep import load_sweep
+from tests.conftest import small_config
+
+
+def _sweep_file(tmp_path: Path, data_dir: Path, **changes) -> Path:
+    experiment = small_config(data_dir, tmp_path, "clients.num_cpus=0.5").to_dict()
+    sweep = {
+        "name": "lr-asha",
+        "experiment": experiment,
+        "search_space": {"clients.lr": {"grid": [0.005, 0.05, 0.2, 1.0]}},
+        "metric": "global/mean/acc",
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "storage_path": str(tmp_path / "tune"),
+        **changes,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, tmp_path, ray_session, capsys):
+    path = _sweep_file(tmp_path, data_dir)
+    assert main(["tune", str(path), "--quiet"]) == 0
+    folder = tmp_path / "tune" / "lr-asha"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 4 and set(trials["status"]) == {"ok"}
+    assert sorted(trials["clients.lr"]) == [0.005, 0.05, 0.2, 1.0]
+
+    groups = set()
+    for trial_dir in trials["path"]:
+        results = [json.loads(line) for line in (Path(trial_dir) / "result.json").read_text().splitlines()]
+        assert [r["round"] for r in results] == list(range(1, len(results) + 1))  # one report per evaluated round
+        last = results[-1]
+        # Every client worker of the trial sits in the trial's own placement group.
+        assert last["placement_group"] and last["worker_placement_groups"] == last["placement_group"]
+        groups.add(last["placement_group"])
+        assert list(Path(trial_dir).glob("events.out.tfevents.*"))  # TensorBoard logs, through Tune
+        run = read_run(next((Path(trial_dir) / "raymed").iterdir()))  # the trial's raymed run folder, synced
+        assert run["rounds"]["round"].max() == last["round"]
+    assert len(groups) == 4  # one placement group per trial
+
+    best = load_config(folder / "best.yaml")
+    best_row = trials.loc[trials["global/mean/acc"].idxmax()]
+    assert best.clients.lr == pytest.approx(best_row["clients.lr"])
+    assert "best config" in capsys.readouterr().out
+    # ... and it runs as an experiment of its own.
+    rerun = read_run(run_experiment(best.model_copy(update={"rounds": 1, "output_dir": str(tmp_path / "rerun")})))
+    assert rerun["summary"]["status"] == "completed"
+
+
+def test_bad_sweeps_are_one_line(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"search_space.clients.lrr = 0.1: unknown key clients.lrr \(did you mean clients.lr\?\)"):
+        load_sweep(_sweep_file(tmp_path, data_dir, search_space={"clients.lrr": {"choice": [0.1]}}))
+    with pytest.raises(ConfigError, match=r"search_space.clients.fraction = 2: clients.fraction: got 2"):
+        load_sweep(_sweep_file(tmp_path, data_dir, search_space={"clients.fraction": {"uniform": [0.1, 2]}}))
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_sweep(_sweep_file(tmp_path, data_dir, search_space={"clients.lr": {"between": [0.1, 1]}}))
+    with pytest.raises(ConfigError, match="optuna cannot take grid"):
+        load_sweep(_sweep_file(tmp_path, data_dir, search={"name": "optuna"}))
+    with pytest.raises(ConfigError, match="pbt needs at least one non-grid"):
+        load_sweep(_sweep_file(tmp_path, data_dir, scheduler={"name": "pbt"}))
+    with pytest.raises(ConfigError, match="unknown key sheduler"):
+        load_sweep(_sweep_file(tmp_path, data_dir, sheduler={"name": "asha"}))
+
+
+def test_shipped_sweeps_load(monkeypatch, data_dir):
+    monkeypatch.setenv("RAYMED_DATA_DIR", str(data_dir))
+    folder = Path(__file__).resolve().parents[1] / "tune_configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert {"fedprox_mu_lr.yaml", "participation_epochs.yaml", "scale.yaml"} <= {p.name for p in files}
+    for path in files:
+        assert path.read_text().startswith("#"), f"{path.name} is documented at the top"
+        sweep, _ = load_sweep(path)  # every search value checked against the experiment schema
+        assert sweep.domains()
+    scale, _ = load_sweep(folder / "scale.yaml")
+    assert scale.search_space["clients.num"] == {"grid": [100, 300, 1000]}
+    fedprox, experiment = load_sweep(folder / "fedprox_mu_lr.yaml")
+    assert experiment["strategy"]["name"] == "fedprox" and experiment["data"]["partition"] == "modality"
+    assert set(fedprox.search_space) == {"strategy.mu", "clients.lr"}
+
+
+def test_trial_bundles_hold_the_server_and_every_worker(data_dir, tmp_path):
+    cfg = small_config(data_dir, tmp_path, "clients.num_cpus=0.5", "clients.num_gpus=0.25")
+    assert federation_bundles(cfg, 3) == [{"CPU": 0.25}] + [{"CPU": 0.5, "GPU": 0.25}] * 3
+    with_server = small_config(data_dir, tmp_path, "server.num_cpus=1", "server.num_gpus=1")
+    assert federation_bundles(with_server, 1) == [{"CPU": 0.25}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_checkpoint_restore_continues_exactly(data_dir, tmp_path, ray_session):
+    """Two rounds straight == one round, checkpoint, a fresh federation restored, one more round."""
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper", "rounds=2")
+    straight = read_run(run_experiment(cfg))["rounds"]
+
+    first = Federation(cfg)
+    first.start()
+    first.step()
+    first.checkpoint(tmp_path)
+    first.close("checkpointed")
+    second = Federation(cfg)
+    second.start()
+    assert second.restore(tmp_path) == 1
+    second.step()
+    second.close("completed")
+    resumed = read_run(second.run_dir)["rounds"]
+    assert list(resumed["round"]) == [1, 2]
+    for key in ("train/loss", "personal/client_mean/acc", "personal/pneumoniamnist/auc"):
+        np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-6, err_msg=key)
