@@ -60,7 +60,7 @@ class SchedulerConfig(Section):
 
 class SearchConfig(Section):
     name: Literal["random", "optuna"] = "random"  # random: Tune's grid/random variant generator
-    seed: int | None = None  # optuna's sampler seed (default: the experiment's seed)
+    seed: int | None = None  # the sampler's seed (default: the experiment's seed)
 
 
 class SweepConfig(Section):

@@ -61,11 +61,15 @@ def _scheduler(sweep: SweepConfig, max_rounds: int):
 
 
 def _searcher(sweep: SweepConfig, seed: int):
+    """Seeded, so the same sweep file samples the same trials."""
+    seed = sweep.search.seed if sweep.search.seed is not None else seed
     if sweep.search.name == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=sweep.search.seed if sweep.search.seed is not None else seed)
-    return None  # Tune's variant generator: grid x random samples
+        return OptunaSearch(seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)  # every grid point x num_samples random draws
 
 
 def run_sweep(
