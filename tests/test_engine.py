@@ -121,10 +121,13 @@ def test_non_finite_updates_are_never_aggregated(data_dir, tmp_path, ray_session
     assert "failed" in summary  # the run folder says why it stopped
 
 
-def test_layouts_that_cannot_fit_are_refused(data_dir, tmp_path):
+def test_layouts_that_cannot_fit_are_refused(data_dir, tmp_path, ray_session):
     cfg = small_config(data_dir, tmp_path, "clients.num_cpus=4")
     with pytest.raises(ResourceError, match="needs clients.num_cpus=4 CPUs but the cluster has 2"):
         plan_workers(cfg, {"CPU": 2.0, "memory": 8e9})
+    with pytest.raises(ResourceError, match="needs clients.num_cpus=4 CPUs"):
+        run_experiment(cfg)  # the session's Ray has 2 CPUs
+    assert not (tmp_path / "results").exists()  # refused before the run got a folder
     cfg = small_config(data_dir, tmp_path, "clients.num_gpus=0.25")
     with pytest.raises(ResourceError, match="clients.num_gpus=0.25 but the cluster has 0 GPU"):
         plan_workers(cfg, {"CPU": 2.0})

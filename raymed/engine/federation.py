@@ -37,6 +37,9 @@ class Federation:
         d = cfg.data
         files = locate_all(d.datasets, d.size, d.root, d.download)
         shard_dir = materialise(cfg, files)
+        self.dashboard = init_ray(cfg.ray)
+        self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
+        # Only now, with data and resources known to be there, does the run get a folder.
         self.writer = RunWriter(
             cfg,
             {
@@ -45,8 +48,6 @@ class Federation:
                 "shards": str(shard_dir),
             },
         )
-        self.dashboard = init_ray(cfg.ray)
-        self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
         options: dict[str, Any] = {"name": f"{self.name}.server", "num_cpus": cfg.server.num_cpus, "num_gpus": cfg.server.num_gpus}
         if placement:
             options["scheduling_strategy"] = placement.strategy(placement.server_bundle)
