@@ -96,6 +96,8 @@ class EngineConfig(Section):
     mode: Literal["pool", "dedicated"] = "pool"
     num_workers: int | Literal["auto"] = "auto"
     client_state: Literal["memory", "disk"] = "memory"
+    # Train a worker's clients together with torch.func.vmap (small models; see methods/vectorised.py).
+    vectorise: bool = False
 
     @field_validator("num_workers")
     @classmethod

@@ -101,13 +101,15 @@ def test_same_seed_same_clients_and_metrics(data_dir, tmp_path, ray_session):
     assert sample_clients(3, 1, 100, 0.1) == sample_clients(3, 1, 100, 0.1) != sample_clients(3, 2, 100, 0.1)
 
 
-def test_dedicated_actors_give_the_pool_result(data_dir, tmp_path, ray_session):
+def test_dedicated_and_vectorised_give_the_pool_result(data_dir, tmp_path, ray_session):
     base = ("clients.num=3", "clients.fraction=1.0", "clients.num_cpus=0.5", "rounds=1")
     pool = run_experiment(small_config(data_dir, tmp_path, *base))
     dedicated = run_experiment(small_config(data_dir, tmp_path, *base, "engine.mode=dedicated"))
     pd.testing.assert_frame_equal(_comparable(pool), _comparable(dedicated), rtol=1e-4)
     placed = pq.read_table(dedicated / "clients").to_pandas()
     assert sorted(zip(placed["client_id"], placed["worker"])) == [(0, 0), (1, 1), (2, 2)]  # one actor per client
+    vectorised = run_experiment(small_config(data_dir, tmp_path, *base, "engine.vectorise=true"))
+    pd.testing.assert_frame_equal(_comparable(pool), _comparable(vectorised), rtol=1e-3)  # vmap'd clients, same run
 
 
 def test_non_finite_updates_are_never_aggregated(data_dir, tmp_path, ray_session):

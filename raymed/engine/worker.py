@@ -75,17 +75,8 @@ class ClientWorker:
         records, states = [], {}
         down = nbytes(payload)
         self.telemetry.set("raymed_round_clients_finished", 0, worker=str(self.index))
-        for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
-            ctx = self._context(client_id, round_, state)
-            start = time.perf_counter()
-            try:
-                update = self.method.client_update(ctx, payload)
-            except RaymedError:
-                raise
-            except Exception as exc:
-                raise ClientFailure(
-                    f"client {client_id} failed in round {round_} on worker {self.index}: {type(exc).__name__}: {exc}"
-                ) from exc
+        for ctx, update, took in self._local_training(round_, payload, client_ids):
+            client_id = ctx.client_id
             problem = update.problem(payload)
             if problem is not None:
                 logger.warning("round %d: update of client %d rejected, not aggregated: %s", round_, client_id, problem)
@@ -103,7 +94,7 @@ class ClientWorker:
                     "train_loss": update.metrics.get("train_loss", float("nan")),
                     "bytes_down": down,
                     "bytes_up": update.nbytes,
-                    "time_s": time.perf_counter() - start,
+                    "time_s": took,
                     "rejected": problem,
                 }
             )
@@ -113,6 +104,32 @@ class ClientWorker:
         if not self.checked_fit:
             self._check_gpu_fit()
         return {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb()}
+
+    def _local_training(self, round_: int, payload: Weights, client_ids: list[int]):
+        """Yield (context, update, seconds) per client: one at a time, or all together when vectorised."""
+        saved = ray.get(self.state_store.get_many.remote(client_ids))
+        if self.cfg.engine.vectorise:
+            start = time.perf_counter()
+            ctxs = [self._context(c, round_, state) for c, state in zip(client_ids, saved)]
+            updates = self._guard(lambda: self.method.client_updates(ctxs, payload), client_ids, round_)
+            took = (time.perf_counter() - start) / max(len(ctxs), 1)
+            yield from ((ctx, update, took) for ctx, update in zip(ctxs, updates))
+            return
+        for client_id, state in zip(client_ids, saved):
+            start = time.perf_counter()
+            ctx = self._context(client_id, round_, state)
+            update = self._guard(lambda: self.method.client_update(ctx, payload), [client_id], round_)
+            yield ctx, update, time.perf_counter() - start
+
+    def _guard(self, train, client_ids: list[int], round_: int):
+        """Run local training; a client's crash becomes one line naming the client(s), round and worker."""
+        try:
+            return train()
+        except RaymedError:
+            raise
+        except Exception as exc:
+            who = f"client {client_ids[0]}" if len(client_ids) == 1 else f"one of clients {client_ids}"
+            raise ClientFailure(f"{who} failed in round {round_} on worker {self.index}: {type(exc).__name__}: {exc}") from exc
 
     def _check_gpu_fit(self) -> None:
         """Ray's GPU fractions are logical: refuse a layout whose clients cannot fit on one GPU together."""

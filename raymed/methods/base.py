@@ -16,6 +16,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +29,7 @@ from raymed.data.tasks import TaskSpec
 from raymed.models import FedModel
 
 Weights = dict[str, np.ndarray]
+Penalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # trained parameters by name -> extra loss
 
 
 def nbytes(weights: Weights) -> int:
@@ -204,23 +206,23 @@ class ClientContext:
             yield flag, x[index], y[index]
 
 
-def local_sgd(ctx: ClientContext, penalty=None) -> dict[str, float]:
+def local_sgd(ctx: ClientContext, penalty: Penalty | None = None) -> dict[str, float]:
     """``clients.local_epochs`` epochs of mini-batch SGD on the client's data, over ``ctx.trained_keys``.
 
-    ``penalty`` (optional) is a callable returning an extra loss term, e.g. FedProx's proximal term.
-    Returns the mean training loss.
+    ``penalty`` (optional) maps the trained parameters (by name) to an extra loss term, e.g.
+    FedProx's proximal term. Returns the mean training loss.
     """
     model, cfg = ctx.model, ctx.train
     model.train()
     trained = set(ctx.trained_keys)
-    params = [p for name, p in model.named_parameters() if name in trained]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    params = {name: p for name, p in model.named_parameters() if name in trained}
+    optimizer = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total, steps = torch.zeros((), device=ctx.device), 0
     for _ in range(cfg.local_epochs):
         for flag, x, y in ctx.batches():
             loss = ctx.tasks[flag].loss(model(x, flag), y)
             if penalty is not None:
-                loss = loss + penalty()
+                loss = loss + penalty(params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -268,6 +270,11 @@ class Method(ABC):
     @abstractmethod
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         """Local training of one client from ``payload``; returns what it sends and what it keeps."""
+
+    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
+        """Several clients at once (``engine.vectorise``); methods with a vectorised form override it
+        (see :mod:`raymed.methods.vectorised`), the others train their clients one after another."""
+        return [self.client_update(ctx, payload) for ctx in ctxs]
 
     def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
         """Put this client's personalised model into ``ctx.model`` (evaluated on its held-out split)."""

@@ -14,18 +14,21 @@ hold) are not sent, so each head is averaged over the clients that hold its data
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from raymed.methods.base import (
     ClientContext,
     ClientUpdate,
     Method,
+    Penalty,
     ServerState,
     WeightedMean,
     Weights,
     local_sgd,
     register_method,
 )
+from raymed.methods.vectorised import local_sgd_many, subtract
 
 
 class FedAvgParams(BaseModel):
@@ -46,10 +49,23 @@ class FedAvg(Method):
     name = "fedavg"
     Params = FedAvgParams
 
+    def local_penalty(self, payload: Weights, device: torch.device) -> Penalty | None:
+        """An extra term of the local objective (none here; FedProx adds its proximal term)."""
+        return None
+
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         ctx.load(payload)
-        metrics = local_sgd(ctx)
+        metrics = local_sgd(ctx, self.local_penalty(payload, ctx.device))
         return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+
+    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
+        if not ctxs:
+            return []
+        trained = local_sgd_many(ctxs, [payload] * len(ctxs), self.local_penalty(payload, ctxs[0].device))
+        return [
+            ClientUpdate(delta=subtract(weights, payload), weight=ctx.num_train, metrics=metrics)
+            for ctx, (weights, metrics) in zip(ctxs, trained)
+        ]
 
     def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
         return apply_mean_update(state, accumulator, self.params.server_lr)

@@ -28,6 +28,7 @@ from raymed.methods.base import (
     register_method,
 )
 from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+from raymed.methods.vectorised import local_sgd_many, subtract
 
 
 class FedPerParams(FedAvgParams):
@@ -69,9 +70,14 @@ class FedPer(Method):
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         self.load_personalised(ctx, payload)
         metrics = local_sgd(ctx)
-        trained = ctx.trained_keys
+        return self._update(ctx, payload, ctx.read(ctx.trained_keys), metrics)
+
+    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
+        trained = local_sgd_many(ctxs, [{**payload, **self._personal(ctx)} for ctx in ctxs])
+        return [self._update(ctx, payload, weights, metrics) for ctx, (weights, metrics) in zip(ctxs, trained)]
+
+    def _update(self, ctx: ClientContext, payload: Weights, trained: Weights, metrics: dict) -> ClientUpdate:
+        """Send the shared layers' change; keep the personal layers as the client's state."""
         shared = [k for k in trained if not self.is_personal(k)]
-        personal = [k for k in trained if self.is_personal(k)]
-        return ClientUpdate(
-            delta=ctx.delta_from(payload, shared), weight=ctx.num_train, metrics=metrics, state=ctx.read(personal)
-        )
+        personal = {k: v for k, v in trained.items() if self.is_personal(k)}
+        return ClientUpdate(delta=subtract(trained, payload, shared), weight=ctx.num_train, metrics=metrics, state=personal)

@@ -8,7 +8,8 @@ global one under heterogeneous data:
                send Δ_k = w_k − w_t
     server:    w_{t+1} = w_t + η_s · Σ n_k Δ_k / Σ n_k        (as FedAvg)
 
-μ = 0 recovers FedAvg exactly. The proximal term covers the parameters the client trains.
+μ = 0 recovers FedAvg exactly. The proximal term covers the parameters the client trains; the local
+loop (sequential or vectorised) and the aggregation are FedAvg's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from raymed.methods.base import ClientContext, ClientUpdate, Weights, local_sgd, register_method
+from raymed.methods.base import Penalty, Weights, register_method
 from raymed.methods.fedavg import FedAvg, FedAvgParams
 
 
@@ -29,18 +30,14 @@ class FedProx(FedAvg):
     name = "fedprox"
     Params = FedProxParams
 
-    def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
-        ctx.load(payload)
-        trained = set(ctx.trained_keys)
-        anchored = [
-            (p, torch.as_tensor(payload[name]).to(ctx.device))
-            for name, p in ctx.model.named_parameters()
-            if name in trained and name in payload
-        ]
+    def local_penalty(self, payload: Weights, device: torch.device) -> Penalty | None:
+        """(μ/2)·‖w − w_t‖² over the trained parameters that came down, as a function of them."""
+        if self.params.mu == 0:
+            return None
+        anchor = {k: torch.as_tensor(v).to(device) for k, v in payload.items()}
         mu = self.params.mu
 
-        def proximal_term() -> torch.Tensor:
-            return 0.5 * mu * sum((p - w_t).pow(2).sum() for p, w_t in anchored)
+        def proximal_term(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return 0.5 * mu * sum((p - anchor[k]).pow(2).sum() for k, p in params.items() if k in anchor)
 
-        metrics = local_sgd(ctx, penalty=proximal_term if mu > 0 else None)
-        return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+        return proximal_term
