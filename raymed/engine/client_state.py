@@ -8,6 +8,7 @@ federations whose states outgrow memory; on a cluster that folder must be on sha
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ class ClientStateStore:
         for client_id, state in states.items():
             self._put(client_id, state)
         return len(states)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def snapshot(self) -> dict[int, Any]:
         """Every client's state (for a checkpoint of the whole federation)."""

@@ -16,6 +16,7 @@ read and write directly: the server only passes its handle on and never receives
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -88,7 +89,12 @@ class ServerActor:
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
 
     def describe(self) -> dict[str, Any]:
-        return {"workers": self.worker_info, "num_clients": self.shards.num_clients, "synthetic": self.shards.synthetic}
+        return {
+            "workers": self.worker_info,
+            "num_clients": self.shards.num_clients,
+            "synthetic": self.shards.synthetic,
+            "pids": {"server": os.getpid(), "client_state": ray.get(self.store.pid.remote())},
+        }
 
     # ---- one round
 

@@ -54,7 +54,7 @@ def _train_group(
     task = ctxs[0].tasks[flag]
     names = [n for n, _ in model.named_parameters() if n in set(ctxs[0].trained_keys)]
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in names}
-    params = {n: torch.stack([torch.as_tensor(s[n]) for s in starts]).to(device) for n in names}
+    params = {n: torch.from_numpy(np.stack([s[n] for s in starts])).to(device) for n in names}  # a writable copy
     momentum = {n: torch.zeros_like(p) for n, p in params.items()} if cfg.momentum else None
 
     def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
