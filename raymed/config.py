@@ -98,6 +98,8 @@ class EngineConfig(Section):
     client_state: Literal["memory", "disk"] = "memory"
     # Train a worker's clients together with torch.func.vmap (small models; see methods/vectorised.py).
     vectorise: bool = False
+    # How long the client workers may wait to be placed before the run stops with the reason.
+    start_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("num_workers")
     @classmethod

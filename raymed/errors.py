@@ -37,6 +37,9 @@ def find_user_error(exc: BaseException) -> RaymedError | None:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
+        cause = getattr(cur, "cause", None)  # Ray's task errors carry the original exception here
+        if isinstance(cause, RaymedError):
+            return cause
         if isinstance(cur, RaymedError):
             return cur
         stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])

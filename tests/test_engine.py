@@ -13,7 +13,7 @@ from raymed.data.shards import ShardSet, materialise
 from raymed.engine import ServerActor, plan_workers, run_experiment, sample_clients
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.worker import ClientWorker, float_state
-from raymed.errors import ClientFailure, ResourceError
+from raymed.errors import ClientFailure, ResourceError, find_user_error
 from raymed.methods import ClientContext, build_method
 from raymed.models import build_model
 from tests.conftest import small_config
@@ -138,3 +138,25 @@ def test_layouts_that_cannot_fit_are_refused(data_dir, tmp_path, ray_session):
         plan_workers(cfg, {"CPU": 2.0, "memory": 8e9})
     assert plan_workers(small_config(data_dir, tmp_path, "clients.num_gpus=0.25"), {"CPU": 16.0, "GPU": 1.0}) == 3
     assert plan_workers(small_config(data_dir, tmp_path), {"CPU": 2.0, "memory": 8e9}) == 2
+
+
+def test_workers_that_cannot_be_placed_stop_the_run_with_the_reason(data_dir, tmp_path, ray_session):
+    """Another job holds every CPU: the run says so after engine.start_timeout_s instead of hanging."""
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    try:
+        with pytest.raises(Exception) as raised:  # raised in the server actor, so it arrives wrapped by Ray
+            run_experiment(small_config(data_dir, tmp_path, "engine.num_workers=2", "engine.start_timeout_s=5"))
+        reason = find_user_error(raised.value)
+        assert isinstance(reason, ResourceError) and "2 of 2 client workers" in str(reason)
+        assert "were not placed within 5 s" in str(reason)
+    finally:
+        ray.kill(hog)
+    summary = next((tmp_path / "results").glob("*/summary.json")).read_text()
+    assert "not placed" in summary  # the run folder says why it stopped

@@ -29,7 +29,7 @@ from raymed.engine.client_state import ClientStateStore
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, float_state
-from raymed.errors import ClientFailure
+from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method
 from raymed.models import build_model
 
@@ -86,11 +86,28 @@ class ServerActor:
             ).remote(cfg, shard_dir, i, self.store, run_name)
             for i in range(num_workers)
         ]
-        self.worker_info = ray.get([w.info.remote() for w in self.workers])
+        self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
+
+    def _wait_for_workers(self) -> list[dict[str, Any]]:
+        """Ray's resources are logical: a worker that cannot be placed waits forever, so bound the wait."""
+        refs = [w.info.remote() for w in self.workers]
+        timeout = self.cfg.engine.start_timeout_s
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            c = self.cfg.clients
+            raise ResourceError(
+                f"{len(pending)} of {len(refs)} client workers (clients.num_cpus={c.num_cpus:g}, clients.num_gpus={c.num_gpus:g} "
+                f"each) were not placed within {timeout:g} s: other work holds the cluster's resources (see `ray status`); "
+                f"let it finish, lower engine.num_workers, or raise engine.start_timeout_s"
+            )
+        return ray.get(refs)
 
     def describe(self) -> dict[str, Any]:
+        """Where the workers run, once they all do (raises ResourceError if they cannot be placed)."""
+        if self._worker_info is None:
+            self._worker_info = self._wait_for_workers()
         return {
-            "workers": self.worker_info,
+            "workers": self._worker_info,
             "num_clients": self.shards.num_clients,
             "synthetic": self.shards.synthetic,
             "pids": {"server": os.getpid(), "client_state": ray.get(self.store.pid.remote())},
