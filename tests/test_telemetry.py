@@ -36,10 +36,18 @@ def test_custom_metrics_are_exported_per_experiment(data_dir, tmp_path, ray_sess
     experiment = run.name
     rounds = __import__("pandas").read_parquet(run / "rounds.parquet")
 
+    expected_finished = rounds["clients/sampled"].iloc[-1]
+
+    def exported(text: str) -> bool:  # every process's last values have reached the agent
+        finished = _series(text, "ray_raymed_round_clients_finished", experiment)
+        return bool(_series(text, "ray_raymed_eval", experiment) and _series(text, "ray_raymed_bytes_up_total", experiment)) and (
+            sum(v for _, v in finished) == expected_finished
+        )
+
     deadline, text = time.time() + 60, ""
-    while time.time() < deadline:  # Ray's metrics agent exports every second here (conftest)
+    while time.time() < deadline:  # Ray's metrics agent exports every second here (conftest); workers may lag
         text = _scrape()
-        if _series(text, "ray_raymed_eval", experiment) and _series(text, "ray_raymed_bytes_up_total", experiment):
+        if exported(text):
             break
         time.sleep(1)
     value = lambda name: max(v for _, v in _series(text, name, experiment))  # noqa: E731
@@ -52,7 +60,7 @@ def test_custom_metrics_are_exported_per_experiment(data_dir, tmp_path, ray_sess
     assert evals["global/mean/acc"] == rounds["global/mean/acc"].iloc[-1]
     assert evals["personal/client_mean/acc"] == rounds["personal/client_mean/acc"].iloc[-1]
     finished = _series(text, "ray_raymed_round_clients_finished", experiment)
-    assert sum(v for _, v in finished) == rounds["clients/sampled"].iloc[-1]  # summed over the workers
+    assert sum(v for _, v in finished) == expected_finished  # summed over the workers
 
 
 def test_grafana_dashboard_plots_every_metric():
