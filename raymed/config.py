@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raymed.errors import ConfigError
 
-PartitionScheme = Literal["iid", "dirichlet", "quantity", "modality"]
+PartitionScheme = Literal["iid", "dirichlet", "client_dirichlet", "quantity", "modality"]
 
 
 class Section(BaseModel):
@@ -59,8 +59,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _default_alpha(self) -> DataConfig:
-        if self.alpha is None and self.partition in ("dirichlet", "quantity"):
-            self.alpha = 0.5 if self.partition == "dirichlet" else 1.0
+        if self.alpha is None and self.partition in ("dirichlet", "client_dirichlet", "quantity"):
+            self.alpha = 1.0 if self.partition == "quantity" else 0.5
         return self
 
 

@@ -9,7 +9,7 @@ def _labels(n=2000, classes=4, seed=0):
     return np.random.default_rng(seed).integers(0, classes, size=(n, 1))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity", "modality"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "client_dirichlet", "quantity", "modality"])
 def test_disjoint_and_covering(scheme):
     labels = {"pneumoniamnist": _labels(1500, 2), "breastmnist": _labels(500, 2, seed=1)}
     clients = partition(labels, scheme, num_clients=10, seed=7, alpha=0.5 if scheme != "iid" else None)
@@ -49,6 +49,22 @@ def test_dirichlet_skew_grows_as_alpha_falls():
     ]
     assert skew[0] < skew[1] < skew[2], skew
     assert skew[0] < 0.1 and skew[2] > 0.5
+
+
+def test_client_dirichlet_scales_to_many_clients_with_equal_shares():
+    labels = _labels(4708, 2, seed=3)  # PneumoniaMNIST-sized
+    with pytest.raises(DataError, match="left a client with 0 examples"):
+        partition({"a": labels}, "dirichlet", 1000, seed=0, alpha=0.5)  # the per-class split cannot
+    clients = partition({"a": labels}, "client_dirichlet", 1000, seed=0, alpha=0.5)
+    sizes = [len(c["a"]) for c in clients]
+    assert min(sizes) == 4 and max(sizes) == 5  # 4708 rows / 1000 clients
+    rows = np.concatenate([c["a"] for c in clients])
+    assert len(np.unique(rows)) == len(labels) == len(rows)
+    skew = [
+        _label_skew(partition({"a": labels}, "client_dirichlet", 50, seed=0, alpha=a), label_classes(labels), 2)
+        for a in (100.0, 0.1)
+    ]
+    assert skew[0] < 0.1 < 0.3 < skew[1], skew
 
 
 def test_quantity_skew_varies_sizes_not_labels():

@@ -2,7 +2,14 @@
 
 - ``iid``: rows shuffled and dealt out evenly.
 - ``dirichlet``: label skew. For each class, proportions q ~ Dir(alpha · 1_N) over the N clients
-  split that class's rows (Hsu et al. 2019, arXiv:1909.06335); a smaller alpha means more skew.
+  split that class's rows (the per-class form of Li et al. 2021, arXiv:2102.02079, after Hsu et al.
+  2019); a smaller alpha means more skew. Sizes vary a lot: with many clients per example some are
+  left empty, and the draw is refused.
+- ``client_dirichlet``: label skew per client (Hsu et al. 2019, arXiv:1909.06335; pfl-research's
+  partition): each client draws its own class mix q ~ Dir(alpha · 1_C) over the C classes and takes an
+  equal share of the rows (rows ÷ N) by q, without replacement; when a class runs out, the client's
+  other classes (by q) make up the rest. Every client gets an equal share, so it scales to thousands
+  of clients.
 - ``quantity``: size skew. Client shares q ~ Dir(alpha · 1_N) of IID-shuffled rows.
 - ``modality``: each client holds exactly one dataset (one imaging modality): clients are dealt out
   to datasets round-robin, then each dataset's rows are split among its clients IID, or with
@@ -51,6 +58,24 @@ def _dirichlet(classes: np.ndarray, num_clients: int, alpha: float, rng: np.rand
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def _client_dirichlet(classes: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    labels = np.unique(classes)
+    pools = [list(rng.permutation(np.flatnonzero(classes == c))) for c in labels]
+    sizes = [len(part) for part in np.array_split(np.arange(len(classes)), num_clients)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.full(len(labels), alpha))
+        taken: list[int] = []
+        while len(taken) < size:
+            left = np.array([len(pool) > 0 for pool in pools])
+            weights = mix * left if (mix * left).sum() > 0 else left.astype(float)
+            counts = rng.multinomial(size - len(taken), weights / weights.sum())
+            for pool, count in zip(pools, counts):
+                taken += [pool.pop() for _ in range(min(count, len(pool)))]
+        parts.append(np.sort(np.asarray(taken, dtype=np.int64)))
+    return parts
+
+
 def _quantity(n_rows: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
     shares = rng.dirichlet(np.full(num_clients, alpha))
     return [np.sort(p) for p in _split_by_proportions(rng.permutation(n_rows), shares)]
@@ -78,9 +103,11 @@ def _split_rows(classes: np.ndarray, parts: int, scheme: str, alpha: float | Non
         return _iid(len(classes), parts, rng)
     if scheme in ("dirichlet", "modality"):
         return _dirichlet(classes, parts, alpha or 0.5, rng)
+    if scheme == "client_dirichlet":
+        return _client_dirichlet(classes, parts, alpha or 0.5, rng)
     if scheme == "quantity":
         return _quantity(len(classes), parts, alpha or 1.0, rng)
-    raise DataError(f"unknown data.partition {scheme!r}; allowed: iid, dirichlet, quantity, modality")
+    raise DataError(f"unknown data.partition {scheme!r}; allowed: iid, dirichlet, client_dirichlet, quantity, modality")
 
 
 def partition(

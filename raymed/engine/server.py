@@ -131,7 +131,6 @@ class ServerActor:
             if group
         ]
         results = ray.get(futures)
-        train_s = time.perf_counter() - start
 
         merged: WeightedMean = self.method.new_accumulator()
         records: list[dict[str, Any]] = []
@@ -143,6 +142,7 @@ class ServerActor:
             raise ClientFailure(f"round {r}: every client update was rejected ({reasons}); lower clients.lr or check the data")
         self.state = self.method.aggregate(self.state, merged)
         self.state.round = r
+        train_s = time.perf_counter() - start  # sampling -> aggregated model, evaluation excluded
 
         accepted = [x for x in records if x["rejected"] is None]
         metrics: dict[str, float] = {
