@@ -133,7 +133,7 @@ def export_workload(cfg: ExperimentConfig, folder: Path) -> dict[str, Any]:
 
 
 def run_tree(cmd: list[str], log: Path, timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd``; sample the summed RSS of its process tree every 0.1 s; kill what it leaves behind."""
+    """Run ``cmd``; sample the summed RSS of its process tree every 0.25 s; kill what it leaves behind."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = psutil.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=HERE.parent)
@@ -204,7 +204,7 @@ def run_system(system: str, threads: int, setting: Setting, work: Path, args: ar
     if watched["rc"] != 0:
         return {**watched, "error": f"exit {watched['rc']}: {last_line(log)} (log: {log})"}
     if system.startswith("raymed"):
-        rounds = pq.read_table(next((work / f"{label}-run").rglob("rounds.parquet"))).to_pandas()
+        rounds = pq.read_table(next(run_dir.rglob("rounds.parquet"))).to_pandas()
         final = rounds.iloc[-1]
         result = {"round_seconds": rounds["time/train_s"].tolist(), "test": {m: float(final[f"global/{FLAG}/{m}"]) for m in ("acc", "f1", "auc")}}
     else:

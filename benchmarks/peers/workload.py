@@ -32,7 +32,6 @@ from torch import nn
 from raymed.data.tasks import TaskSpec
 from raymed.models import build_model
 
-FLAG = "pneumoniamnist"
 
 
 class SingleTaskNet(nn.Module):
