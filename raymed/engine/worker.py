@@ -29,6 +29,11 @@ from raymed.models import build_model
 
 logger = logging.getLogger("raymed.worker")
 
+# Progress gauge period: Ray exports metrics every few seconds, and setting a gauge inside a Ray
+# worker costs about a millisecond, as much as training a small client (measured: 50 three-row
+# clients 0.28 s in a plain process, 0.36-0.41 s in a Ray actor setting it per client).
+_PROGRESS_EVERY_S = 0.5
+
 
 def float_state(model: torch.nn.Module) -> Weights:
     """The model's floating-point state (parameters and running statistics) as numpy arrays."""
@@ -75,6 +80,7 @@ class ClientWorker:
         records, states = [], {}
         down = nbytes(payload)
         self.telemetry.set("raymed_round_clients_finished", 0, worker=str(self.index))
+        reported = time.monotonic()
         for ctx, update, took in self._local_training(round_, payload, client_ids):
             client_id = ctx.client_id
             problem = update.problem(payload)
@@ -98,7 +104,10 @@ class ClientWorker:
                     "rejected": problem,
                 }
             )
-            self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
+            if time.monotonic() - reported > _PROGRESS_EVERY_S:
+                self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
+                reported = time.monotonic()
+        self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
             ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
         if not self.checked_fit:

@@ -70,7 +70,7 @@ class ClientUpdate:
         for key, value in self.delta.items():
             if key in payload and value.shape != payload[key].shape:
                 return f"{key} has shape {value.shape}, expected {payload[key].shape}"
-            if not np.isfinite(value).all():
+            if not math.isfinite(value.sum(dtype=np.float64)):  # NaN/inf propagate; float64 cannot overflow here
                 return f"non-finite values in {key}"
         return None
 
@@ -113,12 +113,19 @@ class WeightedMean:
 # What a client sees
 
 
-def load_weights(model: torch.nn.Module, weights: Weights) -> None:
-    """Copy numpy weights into ``model`` (keys it lacks in ``weights`` keep their values)."""
-    with warnings.catch_warnings():  # read-only arrays from the object store are copied, never written
+def load_weights(model: FedModel, weights: Weights) -> None:
+    """Copy numpy weights into ``model`` in place (keys it lacks in ``weights`` keep their values;
+    keys the model does not have are ignored)."""
+    state = model.named_state()
+    with torch.no_grad(), warnings.catch_warnings():  # read-only arrays from the object store are only read
         warnings.simplefilter("ignore", UserWarning)
-        tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
-    model.load_state_dict(tensors, strict=False)
+        for key, value in weights.items():
+            target = state.get(key)
+            if target is None:
+                continue
+            if tuple(target.shape) != value.shape:
+                raise ValueError(f"{key} has shape {value.shape}, the model expects {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(value))
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
@@ -165,14 +172,14 @@ class ClientContext:
         load_weights(self.model, weights)
 
     def read(self, keys: list[str]) -> Weights:
-        state = self.model.state_dict()
+        state = self.model.named_state()
         return {k: state[k].detach().cpu().numpy().copy() for k in keys}
 
     def delta_from(self, payload: Weights, keys: list[str] | None = None) -> Weights:
         """Local minus received weights, for the trained keys that came down in ``payload``."""
+        state = self.model.named_state()
         keys = [k for k in (keys or self.trained_keys) if k in payload]
-        local = self.read(keys)
-        return {k: local[k] - payload[k] for k in keys}
+        return {k: state[k].detach().cpu().numpy() - payload[k] for k in keys}  # one new array per key
 
     def tensors(self, split: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The client's (x, y) per dataset for ``split``, on the device; built once per context."""
