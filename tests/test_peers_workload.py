@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -13,12 +14,13 @@ import torch
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine import run_experiment
 from raymed.engine.server import sample_clients
+from raymed.methods.base import to_model_input
 
 from tests.conftest import small_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS / "peers")]
-peers = pytest.importorskip("peers")  # benchmarks/peers.py
+import peers  # noqa: E402  (benchmarks/peers.py)
 import run_bare  # noqa: E402  (benchmarks/peers/run_bare.py)
 import workload  # noqa: E402  (benchmarks/peers/workload.py)
 
@@ -38,7 +40,7 @@ def test_bare_loop_does_the_work_of_a_raymed_fedavg_round(data_dir, tmp_path, ra
     for client in range(cfg.clients.num):
         x, y = wl.client_data(client)
         split = shards.client(client).train["pneumoniamnist"]
-        assert torch.equal(x, workload.to_input(split.images)) and torch.equal(y, torch.as_tensor(split.labels))
+        assert torch.equal(x, to_model_input(np.array(split.images), 1, torch.device("cpu"))) and torch.equal(y, torch.as_tensor(np.array(split.labels)))
     assert wl.schedule == [sample_clients(cfg.seed, 1, 8, 0.5)]
 
     weights, seconds = run_bare.fedavg(wl)

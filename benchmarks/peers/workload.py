@@ -12,8 +12,9 @@ A runner (``run_bare.py``, ``run_flower.py``, ``run_pfl.py``; raymed runs throug
 builds raymed's small CNN from the same seed (same initial weights), trains each scheduled client
 for the same number of plain-SGD steps with the same loss, averages weighted by examples (FedAvg),
 and writes ``result.json``: the seconds of every round (from sampling to the aggregated model; no
-evaluation) and the test metrics of the final global model. Only torch, numpy and the raymed
-modules for the model and loss are imported, so this also runs in the peers' own venvs.
+evaluation) and the test metrics of the final global model. The model, the loss, the
+preprocessing and the metrics are raymed's own (``install.sh`` puts raymed in the peers' venvs
+without its dependencies, plus the few those modules import).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import torch
 from torch import nn
 
 from raymed.data.tasks import TaskSpec
+from raymed.methods.base import to_model_input  # raymed clients' own preprocessing
 from raymed.models import build_model
+
+CPU = torch.device("cpu")
 
 
 
@@ -107,25 +111,21 @@ class Workload:
         return self.task.metrics(np.concatenate(scores), self.test_y.numpy())
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×C×H×W → float in [-1, 1], the preprocessing raymed's clients apply."""
-    return torch.from_numpy(np.array(images)).float().div_(127.5).sub_(1.0)  # a copy: inputs may be read-only maps
-
-
 def load(folder: str | Path, threads: int) -> Workload:
     """The workload in ``folder``; sets this process's torch threads (each system's own layout)."""
     folder = Path(folder)
     spec = json.loads((folder / "spec.json").read_text())
     arrays = np.load(folder / "workload.npz")
     torch.set_num_threads(threads)
+    task = TaskSpec(**spec["task"])
     return Workload(
         spec=spec,
-        x=to_input(arrays["images"]),
+        x=to_model_input(arrays["images"], task.channels, CPU),
         y=torch.from_numpy(arrays["labels"]).long(),
         offsets=arrays["offsets"],
-        test_x=to_input(arrays["test_images"]),
+        test_x=to_model_input(arrays["test_images"], task.channels, CPU),
         test_y=torch.from_numpy(arrays["test_labels"]).long(),
-        task=TaskSpec(**spec["task"]),
+        task=task,
     )
 
 

@@ -113,19 +113,12 @@ class WeightedMean:
 # What a client sees
 
 
-def load_weights(model: FedModel, weights: Weights) -> None:
-    """Copy numpy weights into ``model`` in place (keys it lacks in ``weights`` keep their values;
-    keys the model does not have are ignored)."""
-    state = model.named_state()
-    with torch.no_grad(), warnings.catch_warnings():  # read-only arrays from the object store are only read
+def load_weights(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy numpy weights into ``model`` (keys it lacks in ``weights`` keep their values)."""
+    with warnings.catch_warnings():  # read-only arrays from the object store are copied, never written
         warnings.simplefilter("ignore", UserWarning)
-        for key, value in weights.items():
-            target = state.get(key)
-            if target is None:
-                continue
-            if tuple(target.shape) != value.shape:
-                raise ValueError(f"{key} has shape {value.shape}, the model expects {tuple(target.shape)}")
-            target.copy_(torch.from_numpy(value))
+        tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    model.load_state_dict(tensors, strict=False)
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
@@ -172,12 +165,12 @@ class ClientContext:
         load_weights(self.model, weights)
 
     def read(self, keys: list[str]) -> Weights:
-        state = self.model.named_state()
+        state = self.model.state_dict()
         return {k: state[k].detach().cpu().numpy().copy() for k in keys}
 
     def delta_from(self, payload: Weights, keys: list[str] | None = None) -> Weights:
         """Local minus received weights, for the trained keys that came down in ``payload``."""
-        state = self.model.named_state()
+        state = self.model.state_dict()
         keys = [k for k in (keys or self.trained_keys) if k in payload]
         return {k: state[k].detach().cpu().numpy() - payload[k] for k in keys}  # one new array per key
 

@@ -32,18 +32,6 @@ class FedModel(nn.Module):
         self.in_channels = in_channels
         self.backbone = backbone
         self.heads = nn.ModuleDict({flag: nn.Linear(feature_dim, t.num_outputs) for flag, t in tasks.items()})
-        self._state: dict[str, torch.Tensor] | None = None
-
-    def named_state(self) -> dict[str, torch.Tensor]:
-        """The entries of ``state_dict()`` as the live tensors, cached: clients load and read them once
-        each, and ``state_dict()`` walks every module every time."""
-        if self._state is None:
-            self._state = self.state_dict(keep_vars=True)
-        return self._state
-
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() may replace buffers: rebuild the cache on next use
-        self._state = None
-        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         return self.heads[dataset](self.backbone(x))
@@ -51,7 +39,7 @@ class FedModel(nn.Module):
     def state_keys(self, datasets: list[str]) -> list[str]:
         """State entries a client holding ``datasets`` trains: the backbone and those datasets' heads."""
         own = tuple(f"heads.{d}." for d in datasets)
-        return [k for k in self.named_state() if not k.startswith("heads.") or k.startswith(own)]
+        return [k for k in self.state_dict() if not k.startswith("heads.") or k.startswith(own)]
 
 
 def build_model(name: str, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
