@@ -29,6 +29,11 @@ class DataConfig(Section):
     root: str | None = None
     size: Literal[28, 64, 128, 224] = 28
     download: bool = False
+    # classification: each dataset's own task (VQA-RAD: answer classification);
+    # superresolution: ×sr_scale super-resolution of the MedMNIST images (PSNR/SSIM).
+    task: Literal["classification", "superresolution"] = "classification"
+    sr_scale: Literal[2, 4] = 2
+    vqa_root: str | None = None  # VQA-RAD's data_RAD folder (else $RAYMED_VQA_RAD_DIR, or vqa_rad/ beside $RAYMED_DATA_DIR)
     partition: PartitionScheme = "modality"
     # dirichlet: label-skew concentration (default 0.5); quantity: size-skew concentration (default 1.0);
     # modality: None = IID inside each modality, a number = Dirichlet label skew inside each modality.
@@ -46,16 +51,28 @@ class DataConfig(Section):
 
         if not flags:
             raise ValueError("needs at least one MedMNIST flag")
+        from raymed.data.vqa_rad import ORGANS
+
         for flag in flags:
-            if flag not in INFO:
-                close = difflib.get_close_matches(flag, INFO, n=1)
+            if flag not in INFO and flag not in ORGANS:
+                close = difflib.get_close_matches(flag, [*INFO, *ORGANS], n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"unknown MedMNIST flag {flag!r}{hint}; allowed: {', '.join(sorted(INFO))}")
+                raise ValueError(f"unknown dataset {flag!r}{hint}; allowed: {', '.join(sorted(INFO) + sorted(ORGANS))}")
         if len(set(flags)) != len(flags):
             raise ValueError("lists a dataset twice")
         if len({flag.endswith("3d") for flag in flags}) > 1:
             raise ValueError("mixes 2D and 3D datasets, which no single backbone can take; run them separately")
         return flags
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> DataConfig:
+        from raymed.data.vqa_rad import ORGANS
+
+        if self.task == "superresolution" and any(flag in ORGANS for flag in self.datasets):
+            raise ValueError("superresolution applies to MedMNIST images; VQA-RAD datasets are question answering")
+        if self.task == "superresolution" and any(flag.endswith("3d") for flag in self.datasets):
+            raise ValueError("superresolution is implemented for 2D images; use 2D MedMNIST datasets")
+        return self
 
     @model_validator(mode="after")
     def _default_alpha(self) -> DataConfig:
@@ -252,6 +269,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         params = method.Params.model_validate(cfg.strategy.params)
     except ValidationError as err:
         raise ConfigError(format_error(err, method.Params, prefix=("strategy",))) from None
+    method(params).check_config(cfg)
     # Store the resolved parameters (defaults filled in) so the saved config is complete.
     cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))
     return cfg

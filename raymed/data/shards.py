@@ -20,20 +20,47 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymed.config import ExperimentConfig
-from raymed.data.medmnist_files import DatasetFile, load_split, locate_all
+from raymed.config import DataConfig, ExperimentConfig
+from raymed.data import medmnist_files, vqa_rad
+from raymed.data.medmnist_files import DatasetFile
 from raymed.data.partition import holdout_split, partition
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: MedMNIST files, or VQA-RAD's organs
+
+
+def locate_sources(d: DataConfig) -> list[DatasetFile]:
+    """Find (and check) every dataset of ``data.datasets``; a one-line DataError when one is missing."""
+    return [
+        vqa_rad.locate(flag, d.size, d.vqa_root) if vqa_rad.is_vqa_flag(flag) else medmnist_files.locate(flag, d.size, d.root, d.download)
+        for flag in d.datasets
+    ]
+
+
+def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if vqa_rad.is_vqa_flag(file.flag):
+        return vqa_rad.load_split(file.path, file.flag, split, file.size)
+    return medmnist_files.load_split(file, split)
+
+
+def source_task(file: DatasetFile, d: DataConfig) -> TaskSpec:
+    """The task a run sets on a dataset: its own (classification, VQA), or super-resolution of its images."""
+    if vqa_rad.is_vqa_flag(file.flag):
+        return vqa_rad.task(file.flag, file.path, file.size)
+    task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size)
+    return task.super_resolution(d.sr_scale) if d.task == "superresolution" else task
 
 
 def _channel_first(images: np.ndarray, spatial_dims: int) -> np.ndarray:
@@ -61,6 +88,8 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "v": FORMAT_VERSION,
         "files": [(f.flag, f.size, f.md5) for f in files],
         "partition": d.partition,
+        "task": d.task,
+        "sr_scale": d.sr_scale,
         "alpha": d.alpha,
         "holdout": d.holdout_fraction,
         "min": d.min_examples,
@@ -79,7 +108,7 @@ def default_cache_dir(cfg: ExperimentConfig) -> Path:
 def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -> Path:
     """Build (or reuse) the shard set for ``cfg``; return its folder."""
     d = cfg.data
-    files = files if files is not None else locate_all(d.datasets, d.size, d.root, d.download)
+    files = files if files is not None else locate_sources(d)
     out = (default_cache_dir(cfg) / shard_key(cfg, files)).resolve()  # actors may run in other folders
     if (out / "meta.json").is_file():
         return out
@@ -89,19 +118,20 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for f in files:
         spatial = 3 if f.flag.endswith("3d") else 2
-        x, y = load_split(f, "train")
+        x, y = load_source(f, "train")
         if d.max_train_per_dataset and len(x) > d.max_train_per_dataset:
             keep = np.sort(rng.choice(len(x), d.max_train_per_dataset, replace=False))
             x, y = x[keep], y[keep]
-        xt, yt = load_split(f, "test")
+        xt, yt = load_source(f, "test")
         if d.max_test_per_dataset and len(xt) > d.max_test_per_dataset:
             keep = np.sort(rng.choice(len(xt), d.max_test_per_dataset, replace=False))
             xt, yt = xt[keep], yt[keep]
         train[f.flag] = (_channel_first(x, spatial), y)
         test[f.flag] = (_channel_first(xt, spatial), yt)
 
+    tasks = {f.flag: source_task(f, d) for f in files}
     clients = partition(
-        {flag: y for flag, (_, y) in train.items()}, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples
+        {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples
     )
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -138,6 +168,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
                 "file": str(f.path),
                 "md5": f.md5,
                 "synthetic": f.synthetic,
+                "task": asdict(tasks[f.flag]),
             }
             for f in files
         },
@@ -161,6 +192,9 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, rows: slice) -> Split:
+        return Split(self.images[rows], self.labels[rows])
 
 
 @dataclass(frozen=True)
@@ -194,9 +228,7 @@ class ShardSet:
         self.index: dict[int, list[dict]] = {}
         for row in index:
             self.index.setdefault(row["client_id"], []).append(row)
-        self.tasks = {
-            flag: TaskSpec.from_medmnist(flag, synthetic=info["synthetic"]) for flag, info in self.meta["datasets"].items()
-        }
+        self.tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta["datasets"].items()}
         self._arrays: dict[str, Split] = {}
 
     @property

@@ -1,7 +1,18 @@
-"""Task types of MedMNIST and, for each, its loss, its scores and its metrics.
+"""Task types and, for each, how a batch is built, its loss, its outputs and its metrics.
 
-``medmnist.INFO[flag]["task"]`` is one of binary-class, multi-class, multi-label/binary-class or
-ordinal-regression. Losses:
+A task is what a model is asked to do with one dataset's rows. Classification tasks come from
+``medmnist.INFO[flag]["task"]`` (binary-class, multi-class, multi-label/binary-class or
+ordinal-regression); two more kinds reuse the same rows differently:
+
+- ``superres`` (×2 or ×4): the input is the image shrunk by the scale (bicubic, antialiased) and
+  enlarged back (bicubic) to full size; the target is the original image. Loss: mean squared error;
+  metrics: PSNR (dB, on intensities in [0, 1]) and SSIM (scikit-image).
+- ``vqa`` (VQA-RAD, :mod:`raymed.data.vqa_rad`): answer classification over the training answer
+  vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (answer −1 when
+  the answer never occurs in training: always counted wrong); the model input is the pair
+  (image, question tokens). Metrics: accuracy overall and per answer type (closed / open).
+
+Classification losses:
 
 - binary / multi-class: softmax cross-entropy over C classes (MedMNIST's own convention).
 - multi-label (ChestMNIST): a sigmoid per label, binary cross-entropy.
@@ -15,7 +26,7 @@ is NaN, never a made-up number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import warnings
 from typing import Literal
 
@@ -25,7 +36,8 @@ import torch.nn.functional as F
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score, roc_auc_score
 
-TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal"]
+TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "superres", "vqa"]
+ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question tokens)
 
 _KINDS: dict[str, TaskKind] = {
     "binary-class": "binary",
@@ -43,6 +55,10 @@ class TaskSpec:
     channels: int
     spatial_dims: int  # 2 or 3
     synthetic: bool = False
+    image_size: int = 28
+    scale: int = 1  # super-resolution factor
+    question_vocab: int = 0  # VQA: question token vocabulary size (0 = padding)
+    question_len: int = 0  # VQA: question tokens per row
 
     @classmethod
     def from_medmnist(cls, flag: str, synthetic: bool = False) -> TaskSpec:
@@ -58,14 +74,54 @@ class TaskSpec:
             synthetic=synthetic,
         )
 
+    def super_resolution(self, scale: int) -> TaskSpec:
+        """The ×``scale`` super-resolution task on this dataset's images."""
+        return replace(self, kind="superres", num_classes=0, scale=scale)
+
     @property
     def num_outputs(self) -> int:
+        if self.kind == "superres":
+            return self.channels * self.image_size**self.spatial_dims
         return self.num_classes - 1 if self.kind == "ordinal" else self.num_classes
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric a run is summarised by (``global/mean/<it>``, ``personal/client_mean/<it>``)."""
+        return "psnr" if self.kind == "superres" else "acc"
+
+    # ---- batches
+
+    def partition_labels(self, labels: np.ndarray) -> np.ndarray:
+        """The labels a partitioner skews by (VQA: the answer; the other kinds: the dataset's labels)."""
+        return labels[:, :1] if self.kind == "vqa" else labels
+
+    def targets(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """What the outputs are scored against: labels, the full-size image (in [−1, 1]), or (answer, closed?)."""
+        if self.kind == "superres":
+            return np.asarray(images, dtype=np.float32) / 127.5 - 1.0
+        if self.kind == "vqa":
+            return np.asarray(labels[:, :2], dtype=np.int64)
+        return np.asarray(labels)
+
+    def inputs(self, images: np.ndarray, labels: np.ndarray, in_channels: int, device: torch.device) -> tuple[ModelInput, torch.Tensor]:
+        """A batch (model input, target) from stored uint8 images and labels, on ``device``."""
+        x = to_model_input(images, in_channels, device)
+        if self.kind == "superres":
+            target = x[:, : self.channels].clone()
+            return degrade(x, self.scale), target
+        if self.kind == "vqa":
+            labels = torch.as_tensor(labels, device=device).long()
+            return (x, labels[:, 2:]), labels[:, :2]
+        return x, torch.as_tensor(labels, device=device)
 
     # ---- training
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``labels`` is N×L integer (L=1 except for multi-label tasks)."""
+        """``labels`` is N×L integer (L=1 except for multi-label tasks), or the target image."""
+        if self.kind == "superres":
+            return F.mse_loss(logits, labels)
+        if self.kind == "vqa":
+            return F.cross_entropy(logits, labels[:, 0], ignore_index=-1)
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, labels.float())
         target = labels[:, 0].long()
@@ -77,7 +133,9 @@ class TaskSpec:
     # ---- evaluation
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
-        """Per-class probabilities (N×C) from logits, for every task kind."""
+        """Per-class probabilities (N×C) from logits; super-resolution: the image, clipped to [−1, 1]."""
+        if self.kind == "superres":
+            return logits.clamp(-1, 1).cpu().numpy()
         if self.kind == "multilabel":
             return torch.sigmoid(logits).cpu().numpy()
         if self.kind == "ordinal":
@@ -96,9 +154,20 @@ class TaskSpec:
         return scores.argmax(axis=1)
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        labels = labels.reshape(len(labels), -1).astype(np.int64)
+        """Metrics of outputs ``scores`` against :meth:`targets`."""
         if len(labels) == 0:
             return {}
+        if self.kind == "superres":
+            return image_quality(scores, labels)
+        if self.kind == "vqa":
+            correct = scores.argmax(axis=1) == labels[:, 0]  # an answer unseen in training (−1) is never right
+            closed = labels[:, 1] == 1
+            return {
+                "acc": float(correct.mean()),
+                "acc_closed": float(correct[closed].mean()) if closed.any() else float("nan"),
+                "acc_open": float(correct[~closed].mean()) if (~closed).any() else float("nan"),
+            }
+        labels = labels.reshape(len(labels), -1).astype(np.int64)
         pred = self.predict(scores)
         if self.kind == "multilabel":
             out = {
@@ -122,6 +191,32 @@ class TaskSpec:
         if self.kind == "ordinal":
             out["mae"] = float(np.abs(pred - y).mean())
         return out
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
+    """uint8 N×C×... → float in [-1, 1] on ``device``; gray images repeated when the model takes RGB."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if x.shape[1] != in_channels:
+        x = x.expand(-1, in_channels, *x.shape[2:])
+    return x
+
+
+def degrade(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Shrink by ``scale`` (bicubic, antialiased: the usual SR degradation) and enlarge back (bicubic)."""
+    size = images.shape[2:]
+    small = F.interpolate(images, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=size, mode="bicubic", align_corners=False).clamp_(-1, 1)
+
+
+def image_quality(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Mean PSNR and SSIM over images (N×C×H×W in [−1, 1]), computed on intensities in [0, 1]."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    pred, target = (pred + 1) / 2, (target + 1) / 2
+    with np.errstate(divide="ignore"):  # identical images: infinite PSNR, capped below
+        psnr = [peak_signal_noise_ratio(t, p, data_range=1.0) for p, t in zip(pred, target)]
+    ssim = [structural_similarity(t, p, data_range=1.0, channel_axis=0) for p, t in zip(pred, target)]
+    return {"psnr": float(np.mean(np.minimum(psnr, 100.0))), "ssim": float(np.mean(ssim))}
 
 
 def _safe_auc(compute) -> float:

@@ -18,8 +18,7 @@ from typing import Any
 import ray
 
 from raymed.config import ExperimentConfig
-from raymed.data.medmnist_files import locate_all
-from raymed.data.shards import materialise
+from raymed.data.shards import locate_sources, materialise
 from raymed.engine.runtime import Placement, init_ray, plan_workers
 from raymed.engine.server import ServerActor
 from raymed.errors import DataError, find_user_error
@@ -35,7 +34,7 @@ class Federation:
     def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None):
         self.cfg = cfg
         d = cfg.data
-        files = locate_all(d.datasets, d.size, d.root, d.download)
+        files = locate_sources(d)
         shard_dir = materialise(cfg, files)
         self.dashboard = init_ray(cfg.ray)
         self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())

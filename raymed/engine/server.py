@@ -31,7 +31,6 @@ from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, float_state
 from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method
-from raymed.models import build_model
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
@@ -66,7 +65,7 @@ class ServerActor:
         self.telemetry = Telemetry(run_name)
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.shards = ShardSet(shard_dir)
-        initial = float_state(build_model(self.cfg.model.name, self.shards.tasks, self.cfg.seed))
+        initial = float_state(self.method.build_model(self.cfg.model.name, self.shards.tasks, self.cfg.seed))
         self.state = self.method.init_state(initial)
         self.sizes = self.shards.client_sizes()
         folder = state_dir if self.cfg.engine.client_state == "disk" else None
@@ -186,10 +185,17 @@ class ServerActor:
         out: dict[str, float] = {}
         for flag, task in self.shards.tasks.items():
             scores = np.concatenate([s for f, _, s in parts if f == flag])
-            for name, value in task.metrics(scores, self.shards.test(flag).labels).items():
+            test = self.shards.test(flag)
+            for name, value in task.metrics(scores, task.targets(test.images, test.labels)).items():
                 out[f"global/{flag}/{name}"] = value
-        out["global/mean/acc"] = float(np.mean([out[f"global/{f}/acc"] for f in self.shards.tasks]))
+        for name in self._primary_metrics():
+            out[f"global/mean/{name}"] = float(np.mean([out[f"global/{f}/{name}"] for f in self.shards.tasks]))
         return out
+
+    def _primary_metrics(self) -> list[str]:
+        """The metric runs are summarised by (acc, psnr) when every dataset's task has the same one."""
+        names = {t.primary_metric for t in self.shards.tasks.values()}
+        return sorted(names) if len(names) == 1 else []
 
     def evaluate_personalised(self, r: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         clients = sorted(self.sizes)
@@ -211,8 +217,9 @@ class ServerActor:
         by_client: dict[int, list[dict]] = {}
         for row in rows:
             by_client.setdefault(row["client_id"], []).append(row)
-        client_acc = [np.average([x["acc"] for x in v], weights=[x["num_holdout"] for x in v]) for v in by_client.values()]
-        out["personal/client_mean/acc"] = float(np.mean(client_acc))
+        for name in self._primary_metrics():
+            per_client = [np.average([x[name] for x in v], weights=[x["num_holdout"] for x in v]) for v in by_client.values()]
+            out[f"personal/client_mean/{name}"] = float(np.mean(per_client))
         return out, rows
 
     # ---- state access (checkpoints, tests)

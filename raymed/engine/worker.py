@@ -20,12 +20,11 @@ import ray
 import torch
 
 from raymed.config import validate_config
-from raymed.data.shards import ShardSet
+from raymed.data.shards import ShardSet, Split
 from raymed.engine.telemetry import Telemetry
 from raymed.errors import ClientFailure, RaymedError, ResourceError
 from raymed.methods import ClientContext, Weights, build_method
-from raymed.methods.base import load_weights, nbytes, to_model_input
-from raymed.models import build_model
+from raymed.methods.base import load_weights, nbytes
 
 logger = logging.getLogger("raymed.worker")
 
@@ -50,9 +49,9 @@ class ClientWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.shards = ShardSet(shard_dir)
         self.tasks = self.shards.tasks
-        self.model = build_model(self.cfg.model.name, self.tasks, self.cfg.seed).to(self.device)
-        self.initial_weights = float_state(self.model)
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
+        self.model = self.method.build_model(self.cfg.model.name, self.tasks, self.cfg.seed).to(self.device)
+        self.initial_weights = float_state(self.model)
         self.checked_fit = False
 
     def info(self) -> dict[str, Any]:
@@ -158,14 +157,15 @@ class ClientWorker:
     # ---- evaluation
 
     @torch.no_grad()
-    def _scores(self, flag: str, images: np.ndarray) -> np.ndarray:
+    def _scores(self, flag: str, split: Split) -> np.ndarray:
+        """The model's outputs (class probabilities, or images) on a split, in batches."""
         self.model.eval()
-        step = self.cfg.eval.batch_size
+        task, step = self.tasks[flag], self.cfg.eval.batch_size
         out = []
-        for i in range(0, len(images), step):
-            x = to_model_input(np.array(images[i : i + step]), self.model.in_channels, self.device)
-            out.append(self.tasks[flag].scores(self.model(x, flag)))
-        return np.concatenate(out) if out else np.empty((0, self.tasks[flag].num_classes), np.float32)
+        for i in range(0, len(split), step):
+            x, _ = task.inputs(np.array(split.images[i : i + step]), np.array(split.labels[i : i + step]), self.model.in_channels, self.device)
+            out.append(task.scores(self.model(x, flag)))
+        return np.concatenate(out)
 
     def evaluate_personalised(self, payload: Weights, client_ids: list[int]) -> list[dict[str, Any]]:
         """Each client's personalised model on its own held-out rows: scores and labels per dataset."""
@@ -174,16 +174,16 @@ class ClientWorker:
             ctx = self._context(client_id, -1, state)
             self.method.load_personalised(ctx, payload)
             for flag, split in ctx.shard.holdout.items():
-                results.append(
-                    {"client_id": client_id, "dataset": flag, "scores": self._scores(flag, split.images), "labels": np.array(split.labels)}
-                )
+                if len(split):
+                    targets = self.tasks[flag].targets(np.array(split.images), np.array(split.labels))
+                    results.append({"client_id": client_id, "dataset": flag, "scores": self._scores(flag, split), "labels": targets})
         return results
 
     def evaluate_global(self, weights: Weights, chunks: list[tuple[str, int, int]]) -> list[tuple[str, int, np.ndarray]]:
         """The global model on row ranges of the test splits: [(dataset, start row, scores)]."""
         load_weights(self.model, self.initial_weights)  # anything the method leaves out is the seeded init
         load_weights(self.model, weights)
-        return [(flag, start, self._scores(flag, self.shards.test(flag).images[start:stop])) for flag, start, stop in chunks]
+        return [(flag, start, self._scores(flag, self.shards.test(flag)[start:stop])) for flag, start, stop in chunks]
 
 
 def _peak_rss_mb() -> float:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from raymed.config import ClientsConfig
+from raymed.config import ClientsConfig, ExperimentConfig
 from raymed.data.shards import ClientShard, Split
-from raymed.data.tasks import TaskSpec
-from raymed.models import FedModel
+from raymed.data.tasks import ModelInput, TaskSpec, to_model_input  # noqa: F401  (re-exported)
+from raymed.models import FedModel, build_model
 
 Weights = dict[str, np.ndarray]
 Penalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # trained parameters by name -> extra loss
@@ -58,10 +58,11 @@ class ClientUpdate:
     weight: float
     metrics: dict[str, float] = field(default_factory=dict)
     state: dict[str, np.ndarray] | None = None  # persistent client state: never sent to the server
+    uploads: Weights = field(default_factory=dict)  # other things sent up, not averaged (e.g. summaries)
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.delta)
+        return nbytes(self.delta) + nbytes(self.uploads)
 
     def problem(self, payload: Weights) -> str | None:
         """Why this update must not be aggregated, or None."""
@@ -70,6 +71,7 @@ class ClientUpdate:
         for key, value in self.delta.items():
             if key in payload and value.shape != payload[key].shape:
                 return f"{key} has shape {value.shape}, expected {payload[key].shape}"
+        for key, value in {**self.delta, **self.uploads}.items():
             if not math.isfinite(value.sum(dtype=np.float64)):  # NaN/inf propagate; float64 cannot overflow here
                 return f"non-finite values in {key}"
         return None
@@ -121,14 +123,6 @@ def load_weights(model: torch.nn.Module, weights: Weights) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
-    """uint8 N×C×... → float in [-1, 1] on ``device``; gray images repeated when the model takes RGB."""
-    x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if x.shape[1] != in_channels:
-        x = x.expand(-1, in_channels, *x.shape[2:])
-    return x
-
-
 @dataclass
 class ClientContext:
     """One simulated client, as the engine hands it to a method on a worker."""
@@ -174,15 +168,12 @@ class ClientContext:
         keys = [k for k in (keys or self.trained_keys) if k in payload]
         return {k: state[k].detach().cpu().numpy() - payload[k] for k in keys}  # one new array per key
 
-    def tensors(self, split: str = "train") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The client's (x, y) per dataset for ``split``, on the device; built once per context."""
+    def tensors(self, split: str = "train") -> dict[str, tuple[ModelInput, torch.Tensor]]:
+        """The client's (input, target) per dataset for ``split``, on the device; built once per context."""
         if split not in self._tensors:
             parts: dict[str, Split] = getattr(self.shard, split)
             self._tensors[split] = {
-                flag: (
-                    to_model_input(np.array(part.images), self.model.in_channels, self.device),
-                    torch.as_tensor(np.array(part.labels), device=self.device),
-                )
+                flag: self.tasks[flag].inputs(np.array(part.images), np.array(part.labels), self.model.in_channels, self.device)
                 for flag, part in parts.items()
                 if len(part)
             }
@@ -194,24 +185,36 @@ class ClientContext:
         batch_size = batch_size or self.train.batch_size
         rng = self.rng()
         plan = []
-        for flag, (x, _) in self.tensors(split).items():
-            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
-            plan += [(flag, order[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        for flag, (_, y) in self.tensors(split).items():
+            order = rng.permutation(len(y)) if shuffle else np.arange(len(y))
+            plan += [(flag, order[i : i + batch_size]) for i in range(0, len(y), batch_size)]
         if shuffle:
             plan = [plan[i] for i in rng.permutation(len(plan))]
         tensors = self.tensors(split)
         for flag, rows in plan:
             x, y = tensors[flag]
             index = torch.as_tensor(rows, device=self.device)
-            yield flag, x[index], y[index]
+            yield flag, take(x, index), y[index]
 
 
-def local_sgd(ctx: ClientContext, penalty: Penalty | None = None) -> dict[str, float]:
+def take(x: ModelInput, index: torch.Tensor) -> ModelInput:
+    """Rows ``index`` of a model input (a tensor, or a tuple of them such as (images, questions))."""
+    return tuple(part[index] for part in x) if isinstance(x, tuple) else x[index]
+
+
+Objective = Callable[[str, ModelInput, torch.Tensor], torch.Tensor]  # (dataset, input, target) -> loss
+
+
+def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Objective | None = None) -> dict[str, float]:
     """``clients.local_epochs`` epochs of mini-batch SGD on the client's data, over ``ctx.trained_keys``.
 
     ``penalty`` (optional) maps the trained parameters (by name) to an extra loss term, e.g.
-    FedProx's proximal term. Returns the mean training loss.
+    FedProx's proximal term. ``objective`` (optional) replaces the task loss of the model's output
+    with a loss of the batch, for methods whose loss reads activations (OmniFM's SPAlign).
+    Returns the mean training loss.
     """
+    if objective is None:
+        objective = lambda flag, x, y: ctx.tasks[flag].loss(ctx.model(x, flag), y)  # noqa: E731
     model, cfg = ctx.model, ctx.train
     model.train()
     trained = set(ctx.trained_keys)
@@ -220,7 +223,7 @@ def local_sgd(ctx: ClientContext, penalty: Penalty | None = None) -> dict[str, f
     total, steps = torch.zeros((), device=ctx.device), 0
     for _ in range(cfg.local_epochs):
         for flag, x, y in ctx.batches():
-            loss = ctx.tasks[flag].loss(model(x, flag), y)
+            loss = objective(flag, x, y)
             if penalty is not None:
                 loss = loss + penalty(params)
             optimizer.zero_grad(set_to_none=True)
@@ -243,6 +246,14 @@ class Method(ABC):
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """Refuse (ConfigError, one line) an experiment this method cannot run; called on validation."""
+
+    def build_model(self, backbone: str, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
+        """The model this method trains (the same seed gives the same weights in every process);
+        methods that add modules around the backbone (OmniFM) override it."""
+        return build_model(backbone, tasks, seed)
 
     # ---- server half
 

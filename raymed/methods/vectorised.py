@@ -35,9 +35,10 @@ def local_sgd_many(
     model = ctxs[0].model if ctxs else None
     has_buffers = model is not None and any(True for _ in model.buffers())
     for i, ctx in enumerate(ctxs):
-        if len(ctx.tensors()) == 1 and not has_buffers:
+        tensors = ctx.tensors()
+        if len(tensors) == 1 and not has_buffers and isinstance(next(iter(tensors.values()))[0], torch.Tensor):
             groups[next(iter(ctx.tensors()))].append(i)
-        else:  # several datasets interleave per batch, or buffers: train this client alone
+        else:  # several datasets interleave per batch, buffers, or (image, question) inputs: train alone
             load_weights(ctx.model, starts[i])
             metrics = local_sgd(ctx, penalty)
             results[i] = (ctx.read(ctx.trained_keys), metrics)

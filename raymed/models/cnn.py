@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from raymed.models import register_model
+from raymed.models import Backbone, register_model
 
 
 @register_model("cnn")
-def small_cnn(in_channels: int, spatial_dims: int) -> tuple[nn.Module, int]:
+def small_cnn(in_channels: int, spatial_dims: int) -> Backbone:
     conv, pool, adaptive = (
         (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d) if spatial_dims == 2 else (nn.Conv3d, nn.MaxPool3d, nn.AdaptiveAvgPool3d)
     )
@@ -22,8 +22,6 @@ def small_cnn(in_channels: int, spatial_dims: int) -> tuple[nn.Module, int]:
         nn.ReLU(inplace=True),
         pool(2),
         adaptive(grid),
-        nn.Flatten(),
-        nn.Linear(width[1] * grid**spatial_dims, 128),
-        nn.ReLU(inplace=True),
     )
-    return body, 128
+    head = nn.Sequential(nn.Flatten(), nn.Linear(width[1] * grid**spatial_dims, 128), nn.ReLU(inplace=True))
+    return Backbone(body, head, token_dim=width[1], feature_dim=128)

@@ -1,0 +1,306 @@
+"""The OmniFM paper's tables (arXiv 2603.21660) in the same layout, on our real data.
+
+Four sections, all in one Python process (Ray starts with the first run and every later run joins it):
+
+- classification: FedAvg, FedProx, FedPer and OmniFM on the cross-modality MedMNIST federation
+  (PneumoniaMNIST + BreastMNIST + RetinaMNIST, modality split over 20 clients) at participation
+  fractions 0.2 and 1.0: personalised accuracy (each client's model on its own held-out rows) and
+  macro-F1 (mean over the three datasets).
+- ablation: OmniFM at fraction 1.0 with GSKR, ECA, the PSP suffix or SPAlign (λ = 0) switched off.
+- superres: ×2 super-resolution (PSNR, SSIM) of the same images, FedAvg vs OmniFM, next to plain
+  bicubic enlargement; plus ×4 on the first seed.
+- vqa: VQA-RAD split by organ (head, chest, abdomen) over 6 clients, FedAvg vs FedPer vs OmniFM.
+
+    python benchmarks/omnifm_table.py [--rounds 15] [--seeds 0,1,2] [--set key=value ...]
+        [--only classification,ablation,superres,vqa] [--out benchmarks/results] [--quick] [--allow-synthetic]
+
+Every run evaluates only after its last round. Prints each section's markdown table as soon as the
+section ends and (re)writes ``omnifm_table.json`` (every run, every table row, the settings) and
+``omnifm_table.md`` (all tables) under ``--out`` after every section; run folders go to
+``<out>/omnifm_runs``. ``--quick`` is a smoke test (1 round, 6 clients, 120/60 rows per dataset, one seed).
+
+The paper's numbers are quoted from the paper, which uses its own datasets and backbone (ResNet-18,
+BreaKHis for super-resolution, ...): only the ordering of the methods is comparable, not the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+import raymed  # noqa: F401
+from raymed.config import load_config
+from raymed.engine import run_experiment
+from raymed.results import read_run
+from raymed.results.report import final_metrics
+
+SECTIONS = ("classification", "ablation", "superres", "vqa")
+QUICK = ["clients.num=6", "data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
+VQA = ["data.datasets=[vqarad_head,vqarad_chest,vqarad_abd]", "data.size=64", "clients.num=6", "clients.local_epochs=2"]
+NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedper": "FedPer", "omnifm": "OmniFM"}
+# Quoted from the paper (percent; F1 in 0-1); None: not given.
+PAPER_CLS = {"fedavg": (56.31, 84.21, 0.474), "fedprox": (None, None, None), "fedper": (84.47, 92.57, 0.665), "omnifm": (96.85, 97.82, 0.668)}
+PAPER_SR = {"fedavg": 35.95, "omnifm": 42.21}
+PAPER_VQA = {"fedavg": None, "fedper": 78.40, "omnifm": 79.27}
+ABLATIONS = [
+    ("no GSKR", "strategy.use_gskr=false"),
+    ("no ECA", "strategy.use_eca=false"),
+    ("no PSP suffix", "strategy.use_psp_suffix=false"),
+    ("λ = 0 (no SPAlign)", "strategy.lam=0"),
+]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.rounds = 1 if args.quick else args.rounds
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        self.seeds = seeds[:1] if args.quick else seeds
+        self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / 'omnifm_runs'}"]
+        self.tail = [*(QUICK if args.quick else []), *args.overrides]  # after a section's own overrides
+        self.runs: list[dict] = []
+        self.tables: dict[str, dict] = {}
+        self.synthetic = False
+
+    def run_one(self, section: str, overrides: list[str]) -> dict:
+        cfg = load_config(None, [*self.common, *overrides, *self.tail])
+        start = time.time()
+        run = read_run(run_experiment(cfg))
+        wall = time.time() - start
+        if run["meta"]["synthetic"]:
+            if not self.args.allow_synthetic:
+                sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
+            self.synthetic = True
+        final = final_metrics(run)
+        flags = cfg.data.datasets
+        pct = lambda v: None if v is None else 100 * v  # noqa: E731
+        derived = {
+            "acc": pct(final.get("personal/client_mean/acc")),
+            "macro_f1": flag_mean(final, flags, "f1"),
+            "psnr": final.get("personal/client_mean/psnr"),
+            "ssim": flag_mean(final, flags, "ssim"),
+            "acc_closed": pct(flag_mean(final, flags, "acc_closed")),
+            "acc_open": pct(flag_mean(final, flags, "acc_open")),
+        }
+        record = {
+            "section": section,
+            "strategy": cfg.strategy.name,
+            "overrides": [*overrides, *self.tail],
+            "seed": cfg.seed,
+            "fraction": cfg.clients.fraction,
+            "clients": cfg.clients.num,
+            "metrics": {k: v for k, v in derived.items() if v is not None},
+            "final": {k: number(v) for k, v in final.items() if number(v) is not None and k.startswith(("personal/", "global/"))},
+            "run_dir": str(run["dir"]),
+            "wall_s": round(wall, 2),
+        }
+        headline = "psnr" if cfg.data.task == "superresolution" else "acc"
+        value = derived[headline]
+        print(
+            f"[{section}] {cfg.strategy.name} seed={cfg.seed} fraction={cfg.clients.fraction} "
+            f"{headline}={'—' if value is None else f'{value:.2f}'} {wall:.1f}s",
+            flush=True,
+        )
+        self.runs.append(record)
+        return record
+
+    def series(self, section: str, strategy: str, fraction: float, extra: list[str] | None = None, seeds=None) -> list[dict]:
+        return [
+            self.run_one(section, [f"strategy.name={strategy}", f"clients.fraction={fraction}", f"seed={seed}", *(extra or [])])
+            for seed in (seeds or self.seeds)
+        ]
+
+    def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells, note: str = "") -> None:
+        """``rows``: aggregated rows (kept in the JSON); ``cells(row)``: the row's markdown cells."""
+        text = f"### {title}\n\n" + md_table(header, [cells(r) for r in rows]) + (f"\n{note}\n" if note else "")
+        self.tables[name] = {"title": title, "rows": rows, "markdown": text}
+        print("\n" + text, flush=True)
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        clients = ", ".join(f"{s} {n}" for s, n in {r["section"]: r["clients"] for r in self.runs}.items())
+        gpu = "GPU" if torch_cuda() else "no GPU"
+        settings = {"rounds": self.rounds, "seeds": self.seeds, "quick": self.args.quick, "set": self.args.overrides, "commit": git_commit(),
+                    "clients": clients, "cpu_cores": os.cpu_count(), "gpu": torch_cuda(), "synthetic": self.synthetic}
+        result = {"date": datetime.now().isoformat(timespec="seconds"), "settings": settings,
+                  "tables": {k: {"title": t["title"], "rows": t["rows"]} for k, t in self.tables.items()}, "runs": self.runs}
+        (self.out / "omnifm_table.json").write_text(json.dumps(result, indent=1, default=str))
+        head = (f"# OmniFM tables on raymed ({result['date']}, commit {settings['commit']})\n\n"
+                f"rounds {self.rounds}, seeds {','.join(map(str, self.seeds))}, clients: {clients or '—'}, "
+                f"machine: {os.cpu_count()} CPU cores, {gpu}{', --quick' if self.args.quick else ''}"
+                f"{', SYNTHETIC DATA: not real results' if self.synthetic else ''}; "
+                "paper numbers are quoted from the paper (its own data and ResNet-18 backbone): compare the ordering only.\n")
+        (self.out / "omnifm_table.md").write_text(head + "".join("\n" + t["markdown"] for t in self.tables.values()))
+
+    # ---- sections
+
+    def classification(self) -> None:
+        rows = []
+        for s in NAMES:
+            runs = {f: self.series("classification", s, f) for f in (0.2, 1.0)}
+            quoted = PAPER_CLS[s]
+            rows.append({"method": s, **{f"{m}@{f}": agg([r["metrics"].get(m) for r in runs[f]]) for m in ("acc", "macro_f1") for f in (0.2, 1.0)},
+                         "paper_acc@0.2": quoted[0], "paper_acc@1.0": quoted[1], "paper_macro_f1": quoted[2]})
+        self.add_table(
+            "classification", "Scenario 1 (hard, cross-modality): personalised accuracy (%) and macro-F1",
+            ["method", "acc @20%", "acc @100%", "macro-F1 @20%", "macro-F1 @100%", "paper acc @20%", "paper acc @100%", "paper macro-F1"],
+            rows,
+            lambda r: [NAMES[r["method"]], mean_std(r["acc@0.2"]), mean_std(r["acc@1.0"]), mean_std(r["macro_f1@0.2"], 3),
+                       mean_std(r["macro_f1@1.0"], 3), paper(r["paper_acc@0.2"]), paper(r["paper_acc@1.0"]), paper(r["paper_macro_f1"], 3)],
+        )
+
+    def ablation(self) -> None:
+        full = [r for r in self.runs if r["section"] == "classification" and r["strategy"] == "omnifm" and r["fraction"] == 1.0]
+        full = full or self.series("ablation", "omnifm", 1.0)
+        base = agg([r["metrics"].get("acc") for r in full])
+        rows = []
+        for label, override in [("OmniFM (full)", None), *ABLATIONS]:
+            runs = full if override is None else self.series("ablation", "omnifm", 1.0, [override])
+            acc = agg([r["metrics"].get("acc") for r in runs])
+            delta = None if acc["mean"] is None or base["mean"] is None else acc["mean"] - base["mean"]
+            rows.append({"variant": label, "override": override, "acc@1.0": acc, "macro_f1@1.0": agg([r["metrics"].get("macro_f1") for r in runs]), "delta_acc": delta})
+        self.add_table(
+            "ablation", "OmniFM ablation (fraction 1.0): personalised accuracy (%) and macro-F1",
+            ["variant", "acc @100%", "macro-F1 @100%", "Δ acc vs full"],
+            rows,
+            lambda r: [r["variant"], mean_std(r["acc@1.0"]), mean_std(r["macro_f1@1.0"], 3), "—" if r["delta_acc"] is None else f"{r['delta_acc']:+.2f}"],
+        )
+
+    def superres(self) -> None:
+        for scale, seeds in ((2, self.seeds), (4, self.seeds[:1])):
+            rows = []
+            for s in ("fedavg", "omnifm"):
+                runs = self.series("superres", s, 1.0, ["data.task=superresolution", f"data.sr_scale={scale}"], seeds)
+                rows.append({"method": s, "psnr": agg([r["metrics"].get("psnr") for r in runs]), "ssim": agg([r["metrics"].get("ssim") for r in runs]),
+                             "paper_psnr": PAPER_SR[s] if scale == 2 else None})
+            rows.append({"method": "bicubic", **self.bicubic(scale), "paper_psnr": None})
+            label = lambda r: "bicubic (no learning)" if r["method"] == "bicubic" else NAMES[r["method"]]  # noqa: E731
+            note = ("PSNR/SSIM of the learned models: on the clients' held-out rows (PSNR: client mean; SSIM: mean over datasets); "
+                    "bicubic: on each dataset's official test split, mean over datasets.")
+            if scale == 2:
+                self.add_table("superres_x2", "Super-resolution ×2", ["method", "PSNR ×2 (dB)", "SSIM ×2", "paper PSNR"], rows,
+                               lambda r: [label(r), mean_std(r["psnr"]), mean_std(r["ssim"], 4), paper(r["paper_psnr"])], note)
+            else:
+                self.add_table("superres_x4", f"Super-resolution ×4 (seed {seeds[0]} only)", ["method", "PSNR ×4 (dB)", "SSIM ×4"], rows,
+                               lambda r: [label(r), mean_std(r["psnr"]), mean_std(r["ssim"], 4)], note)
+
+    def bicubic(self, scale: int) -> dict:
+        """Bicubic enlargement of the degraded image, scored like the models; no training."""
+        import torch
+
+        from raymed.data.shards import load_source, locate_sources
+        from raymed.data.tasks import degrade, image_quality, to_model_input
+
+        d = load_config(None, ["data.task=superresolution", f"data.sr_scale={scale}", *self.tail]).data
+        per = {}
+        for file in locate_sources(d):
+            if file.synthetic and not self.args.allow_synthetic:
+                sys.exit(f"synthetic stand-in for {file.flag}; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
+            images, _ = load_source(file, "test")
+            images = images[: d.max_test_per_dataset]  # first rows when capped (--quick)
+            images = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)  # N×C×H×W
+            x = to_model_input(np.ascontiguousarray(images), images.shape[1], torch.device("cpu"))
+            per[file.flag] = image_quality(degrade(x, scale).numpy(), x.numpy())
+        return {m: agg([float(np.mean([q[m] for q in per.values()]))]) for m in ("psnr", "ssim")} | {"per_dataset": per}
+
+    def vqa(self) -> None:
+        rows = []
+        for s in ("fedavg", "fedper", "omnifm"):
+            runs = self.series("vqa", s, 1.0, VQA)
+            rows.append({"method": s, **{m: agg([r["metrics"].get(m) for r in runs]) for m in ("acc", "acc_closed", "acc_open")}, "paper_acc": PAPER_VQA[s]})
+        self.add_table(
+            "vqa", "VQA-RAD (organ split, 6 clients, fraction 1.0): personalised accuracy (%)",
+            ["method", "overall acc", "closed acc", "open acc", "paper acc"], rows,
+            lambda r: [NAMES[r["method"]], mean_std(r["acc"]), mean_std(r["acc_closed"]), mean_std(r["acc_open"]), paper(r["paper_acc"])],
+            "Overall: client mean. Closed / open: plain mean over the three organs' held-out rows (not pooled by size; "
+            "an organ with no held-out question of that type is left out).",
+        )
+
+
+def number(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def flag_mean(final: dict, flags: list[str], metric: str) -> float | None:
+    values = [v for f in flags if (v := number(final.get(f"personal/{f}/{metric}"))) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def agg(values: list) -> dict:
+    values = [v for v in map(number, values) if v is not None]
+    return {"mean": float(np.mean(values)) if values else None, "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
+
+
+def mean_std(values: dict | list, digits: int = 2) -> str:
+    """'mean ± sample std' (std only with ≥ 2 values), '—' when there is none."""
+    a = values if isinstance(values, dict) else agg(values)
+    if a["mean"] is None:
+        return "—"
+    return f"{a['mean']:.{digits}f}" + ("" if a["std"] is None else f" ± {a['std']:.{digits}f}")
+
+
+def paper(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--allow-synthetic", action="store_true")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma list among " + ",".join(SECTIONS))
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, 6 clients, 120/60 rows per dataset, one seed")
+    args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if unknown := set(only) - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(unknown)}; allowed: {','.join(SECTIONS)}")
+
+    bench = Bench(args)
+    start = time.time()
+    for section in SECTIONS:
+        if section in only:
+            getattr(bench, section)()
+            bench.save()
+    print(f"\n{len(bench.runs)} runs in {time.time() - start:.0f}s; wrote {bench.out / 'omnifm_table.json'} and {bench.out / 'omnifm_table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

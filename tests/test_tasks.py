@@ -1,0 +1,119 @@
+"""Super-resolution and VQA-RAD tasks: inputs, targets, metrics, the loader, and runs through the engine."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raymed.config import load_config
+from raymed.data import vqa_rad
+from raymed.data.shards import ShardSet, materialise
+from raymed.data.tasks import TaskSpec, degrade, image_quality
+from raymed.engine import run_experiment
+from raymed.errors import ConfigError, DataError
+from raymed.results import read_run
+from raymed.results.report import final_metrics
+from tests.conftest import SHARED, small_config
+
+VQA_DIR = SHARED.parent / "vqa_rad"
+needs_vqa = pytest.mark.skipif(not (VQA_DIR / "data_RAD" / "trainset.json").is_file(), reason="VQA-RAD not in ../shared/data")
+CPU = torch.device("cpu")
+
+
+def test_superresolution_batches_degrade_the_input_and_target_the_original(data_dir):
+    task = TaskSpec.from_medmnist("breastmnist").super_resolution(2)
+    with np.load(data_dir / "breastmnist.npz") as npz:
+        images = npz["test_images"][:32, None]
+    x, y = task.inputs(images, np.zeros((32, 1)), in_channels=3, device=CPU)
+    assert x.shape == (32, 3, 28, 28) and y.shape == (32, 1, 28, 28)
+    np.testing.assert_allclose(y.numpy(), task.targets(images, None), atol=1e-6)
+    bicubic = image_quality(x[:, :1].numpy(), y.numpy())
+    x4 = degrade(y, 4)
+    assert image_quality(x4.numpy(), y.numpy())["psnr"] < bicubic["psnr"] < 100  # ×4 loses more than ×2
+    assert image_quality(y.numpy(), y.numpy()) == {"psnr": 100.0, "ssim": 1.0}
+    assert task.loss(x[:, :1], y) > 0 and task.primary_metric == "psnr"
+
+
+def test_superresolution_config_refuses_vqa_and_3d():
+    with pytest.raises(ConfigError, match="superresolution"):
+        load_config(None, ["data.task=superresolution", "data.datasets=[vqarad_head]"])
+    with pytest.raises(ConfigError, match="2D"):
+        load_config(None, ["data.task=superresolution", "data.datasets=[adrenalmnist3d]"])
+    with pytest.raises(ConfigError, match="2D"):
+        load_config(None, ["strategy.name=omnifm", "data.datasets=[adrenalmnist3d]"])
+
+
+@needs_vqa
+def test_vqa_rad_loader_reads_the_release():
+    folder = vqa_rad.find_root(str(VQA_DIR))
+    vocab = vqa_rad.vocabulary(folder)
+    train = {f: vqa_rad.load_split(folder, f, "train", 28) for f in vqa_rad.ORGANS}
+    test = {f: vqa_rad.load_split(folder, f, "test", 28) for f in vqa_rad.ORGANS}
+    assert sum(len(y) for _, y in train.values()) == 3064 and sum(len(y) for _, y in test.values()) == 451
+    for images, labels in train.values():
+        assert images.shape[1:] == (28, 28) and images.dtype == np.uint8 and labels.shape[1] == 2 + vqa_rad.QUESTION_LEN
+        assert labels[:, 0].min() >= 0 and set(np.unique(labels[:, 1])) == {0, 1}  # every training answer is in the vocabulary
+    unseen = np.concatenate([y[:, 0] for _, y in test.values()]) < 0
+    assert 0 < unseen.mean() < 0.2  # a few test answers never occur in training: always wrong
+    assert vocab.answers[:2] == ("no", "yes") and vocab.encode("Is there a fracture?")[:4] != [1, 1, 1, 1]
+
+
+def test_vqa_rad_missing_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYMED_VQA_RAD_DIR", raising=False)
+    monkeypatch.delenv("RAYMED_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="VQA-RAD not found") as err:
+        vqa_rad.find_root(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_vqa_metrics_split_closed_and_open():
+    task = TaskSpec("vqarad_head", "vqa", num_classes=3, channels=1, spatial_dims=2, question_vocab=10, question_len=4)
+    scores = np.eye(3)[[0, 1, 2, 0]]
+    labels = np.array([[0, 1], [1, 1], [1, 0], [-1, 0]])  # right, right, wrong, unseen answer
+    assert task.metrics(scores, labels) == {"acc": 0.5, "acc_closed": 1.0, "acc_open": 0.0}
+
+
+def _run(cfg):
+    run = read_run(run_experiment(cfg))
+    return run, final_metrics(run)
+
+
+def test_superresolution_federation_improves_on_bicubic(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "data.task=superresolution", "clients.fraction=1.0", "rounds=3", "clients.lr=0.05", "clients.local_epochs=2")
+    run, final = _run(cfg)
+    shards = ShardSet(materialise(cfg))
+    for flag, task in shards.tasks.items():
+        assert task.kind == "superres" and task.scale == 2
+        test = shards.test(flag)
+        hr = torch.as_tensor(test.images.astype(np.float32) / 127.5 - 1)
+        bicubic = image_quality(degrade(hr, 2).numpy(), hr.numpy())["psnr"]
+        assert final[f"global/{flag}/psnr"] > bicubic, flag  # learnt residual beats plain bicubic
+        assert 0 < final[f"global/{flag}/ssim"] <= 1
+    assert math.isfinite(final["personal/client_mean/psnr"]) and "global/mean/psnr" in final
+
+
+@needs_vqa
+def test_vqa_federation_runs_per_organ(tmp_path, ray_session):
+    cfg = load_config(
+        None,
+        [
+            "data.datasets=[vqarad_head,vqarad_chest,vqarad_abd]",
+            f"data.vqa_root={VQA_DIR}",
+            "clients.num=3",
+            "clients.fraction=1.0",
+            "rounds=2",
+            "strategy.name=omnifm",
+            f"output_dir={tmp_path / 'results'}",
+            f"data.cache_dir={tmp_path / 'shards'}",
+            "ray.dashboard=false",
+        ],
+    )
+    run, final = _run(cfg)
+    for flag in vqa_rad.ORGANS:
+        assert 0 <= final[f"personal/{flag}/acc"] <= 1 and f"personal/{flag}/acc_closed" in final
+    assert final["personal/client_mean/acc"] > 0.15  # uniform guessing over 476 answers: 0.002
+    assert Path(run["dir"], "config.yaml").is_file()
