@@ -14,7 +14,7 @@ import torch
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine import run_experiment
 from raymed.engine.server import sample_clients
-from raymed.methods.base import to_model_input
+from raymed.data.tasks import to_model_input
 
 from tests.conftest import small_config
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from raymed.data.tasks import TaskSpec
-from raymed.methods.base import to_model_input  # raymed clients' own preprocessing
+from raymed.data.tasks import to_model_input  # raymed clients' own preprocessing
 from raymed.models import build_model
 
 CPU = torch.device("cpu")
