@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raymed.config import ClientsConfig, ExperimentConfig
 from raymed.data.shards import ClientShard, Split
-from raymed.data.tasks import ModelInput, TaskSpec, to_model_input  # noqa: F401  (re-exported)
+from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import FedModel, build_model
 
 Weights = dict[str, np.ndarray]
