@@ -102,9 +102,12 @@ class Vocabulary:
     words: tuple[str, ...]  # index 0 = padding, 1 = unknown
     answers: tuple[str, ...]
 
+    @functools.cached_property
+    def word_ids(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
     def encode(self, question: str) -> list[int]:
-        index = {w: i for i, w in enumerate(self.words)}
-        ids = [index.get(w, 1) for w in words(question)][:QUESTION_LEN]
+        ids = [self.word_ids.get(w, 1) for w in words(question)][:QUESTION_LEN]
         return ids + [0] * (QUESTION_LEN - len(ids))
 
 

@@ -45,7 +45,7 @@ from torch import nn
 from raymed.config import ExperimentConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError
-from raymed.methods.base import ClientContext, ClientUpdate, ServerState, WeightedMean, Weights, local_sgd, register_method
+from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
 from raymed.methods.fedavg import apply_mean_update
 from raymed.methods.fedper import FedPer, FedPerParams
 from raymed.models import Backbone, FedModel, build_backbone, images_of
@@ -236,12 +236,11 @@ class GSKRAccumulator(WeightedMean):
             elif key == HITS_KEY:
                 self._add_hits(value)
 
-    def merge(self, other: WeightedMean) -> None:
+    def merge(self, other: GSKRAccumulator) -> None:
         super().merge(other)
-        if isinstance(other, GSKRAccumulator):
-            self.summaries += other.summaries
-            if other.hits is not None:
-                self._add_hits(other.hits)
+        self.summaries += other.summaries
+        if other.hits is not None:
+            self._add_hits(other.hits)
 
     def _add_hits(self, hits: np.ndarray) -> None:
         self.hits = hits.astype(np.float64) if self.hits is None else self.hits + hits
@@ -283,10 +282,10 @@ class OmniFM(FedPer):
     def new_accumulator(self) -> GSKRAccumulator:
         return GSKRAccumulator()
 
-    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
+    def aggregate(self, state: ServerState, accumulator: GSKRAccumulator) -> ServerState:
         new = apply_mean_update(state, accumulator, self.params.server_lr)
         bank: SpectralKnowledgeBase = new.extra["gskr"]
-        if isinstance(accumulator, GSKRAccumulator) and self.params.use_gskr:
+        if self.params.use_gskr:
             if accumulator.hits is not None and len(accumulator.hits) == len(bank):
                 bank.record_hits(accumulator.hits)
             summaries = sorted(accumulator.summaries, key=lambda s: (s[0], s[1].tobytes()))  # independent of worker order
@@ -322,8 +321,7 @@ class OmniFM(FedPer):
             update.uploads = {**self.summarise(ctx), HITS_KEY: hits.cpu().numpy().astype(np.float32)}
         return update
 
-    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
-        return [self.client_update(ctx, payload) for ctx in ctxs]  # no vectorised form: one client at a time
+    client_updates = Method.client_updates  # no vectorised form (FedPer has one): one client at a time
 
     @torch.no_grad()
     def summarise(self, ctx: ClientContext) -> Weights:
