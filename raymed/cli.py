@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federation (no CONFIG: the embedded default, FedAvg vs FedPer)")
-    run.add_argument("config", nargs="?", help="experiment YAML")
+    run.add_argument("config", nargs="?", help="experiment YAML, or the name of one shipped with raymed (default, fedmrg)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set clients.lr=0.01 (repeatable)")
     run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,9 +81,8 @@ def _run_one(cfg, quiet: bool) -> Path:
 
         def on_round(r: int, m: dict) -> None:
             shown = [f"loss {m['train/loss']:.3f}"]
-            for key in ("global/mean/acc", "personal/client_mean/acc"):
-                if key in m:
-                    shown.append(f"{key.split('/')[0]} acc {m[key]:.3f}")
+            for key in sorted(k for k in m if k.startswith(("global/mean/", "personal/client_mean/"))):
+                shown.append(f"{key.split('/')[0]} {key.rsplit('/', 1)[1]} {m[key]:.3f}")
             shown.append(f"{m['time/round_s']:.1f}s")
             progress.update(task, advance=1, status=" · ".join(shown))
 

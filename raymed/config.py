@@ -30,10 +30,17 @@ class DataConfig(Section):
     size: Literal[28, 64, 128, 224] = 28
     download: bool = False
     # classification: each dataset's own task (VQA-RAD: answer classification);
-    # superresolution: ×sr_scale super-resolution of the MedMNIST images (PSNR/SSIM).
-    task: Literal["classification", "superresolution"] = "classification"
+    # superresolution: ×sr_scale super-resolution of the MedMNIST images (PSNR/SSIM);
+    # report: report generation (pneumoniamnist = MedMNIST-Reports, r2gen = an R2Gen-format folder).
+    task: Literal["classification", "superresolution", "report"] = "classification"
     sr_scale: Literal[2, 4] = 2
     vqa_root: str | None = None  # VQA-RAD's data_RAD folder (else $RAYMED_VQA_RAD_DIR, or vqa_rad/ beside $RAYMED_DATA_DIR)
+    # Report text: IU X-Ray's indiana_reports.csv folder (MedMNIST-Reports) or an R2Gen folder
+    # (annotation.json + images/); else $RAYMED_REPORTS_DIR, or iu_xray/ beside $RAYMED_DATA_DIR.
+    report_root: str | None = None
+    report_len: int = Field(64, ge=8, le=1024)  # tokens per report, BOS and EOS included
+    report_styles: int = Field(4, ge=1, le=4)  # MedMNIST-Reports: reporting styles the clients cycle through
+    report_tokenizer: str | None = None  # a local Hugging Face tokenizer; None: a word-level one trained on the training reports
     partition: PartitionScheme = "modality"
     # dirichlet: label-skew concentration (default 0.5); quantity: size-skew concentration (default 1.0);
     # modality: None = IID inside each modality, a number = Dirichlet label skew inside each modality.
@@ -54,10 +61,11 @@ class DataConfig(Section):
         from raymed.data.vqa_rad import ORGANS
 
         for flag in flags:
-            if flag not in INFO and flag not in ORGANS:
-                close = difflib.get_close_matches(flag, [*INFO, *ORGANS], n=1)
+            known = [*INFO, *ORGANS, "r2gen"]
+            if flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"unknown dataset {flag!r}{hint}; allowed: {', '.join(sorted(INFO) + sorted(ORGANS))}")
+                raise ValueError(f"unknown dataset {flag!r}{hint}; allowed: {', '.join(sorted(known))}")
         if len(set(flags)) != len(flags):
             raise ValueError("lists a dataset twice")
         if len({flag.endswith("3d") for flag in flags}) > 1:
@@ -72,6 +80,12 @@ class DataConfig(Section):
             raise ValueError("superresolution applies to MedMNIST images; VQA-RAD datasets are question answering")
         if self.task == "superresolution" and any(flag.endswith("3d") for flag in self.datasets):
             raise ValueError("superresolution is implemented for 2D images; use 2D MedMNIST datasets")
+        from raymed.data.reports import REPORT_DATASETS
+
+        if self.task == "report" and not set(self.datasets) <= set(REPORT_DATASETS):
+            raise ValueError(f"task report needs report datasets ({', '.join(REPORT_DATASETS)}); got {', '.join(self.datasets)}")
+        if self.task != "report" and "r2gen" in self.datasets:
+            raise ValueError("r2gen is a report-generation dataset; set data.task=report")
         return self
 
     @model_validator(mode="after")
@@ -87,14 +101,35 @@ class ClientsConfig(Section):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimiser, fresh every round (adamw suits transformer decoders)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
 
 
+class DecoderConfig(Section):
+    """The report decoder (report-generation runs only): a causal LM from ``transformers``."""
+
+    checkpoint: str | None = None  # a local Hugging Face checkpoint folder; None: random init from the sizes below
+    layers: int = Field(2, ge=1)
+    width: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    prefix_tokens: int = Field(16, ge=1)  # image tokens the encoder hands the decoder
+    lora_rank: int = Field(8, ge=0)  # LoRA rank of the decoder adapters (peft); 0: fine-tune the whole decoder
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] | None = None  # module names to adapt; None: peft's default for the architecture
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DecoderConfig:
+        if self.checkpoint is None and self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        return self
+
+
 class ModelConfig(Section):
-    name: str = "cnn"
+    name: str = "cnn"  # the image encoder (backbone)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
 
 
 class StrategyConfig(BaseModel):
@@ -128,14 +163,31 @@ class EngineConfig(Section):
 
 class ServerConfig(Section):
     # The server coordinates and aggregates while clients train; evaluation runs on the client pool.
+    # Report generation: the server's resources are split over `ranks` DeepSpeed ranks that hold the
+    # master decoder under ZeRO `zero_stage` and generate the global model's reports.
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    ranks: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"  # ZeRO offload of optimizer state (stage >= 1) and parameters (stage 3)
+    lr: float = Field(1e-4, gt=0)  # the decoder's optimiser, for server-side steps
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_rank(self) -> ServerConfig:
+        per_rank = self.num_gpus / self.ranks
+        if self.ranks > 1 and self.num_gpus > 0 and (per_rank < 1 or per_rank != int(per_rank)):
+            raise ValueError(
+                f"num_gpus={self.num_gpus:g} over ranks={self.ranks} gives {per_rank:g} GPU per rank; NCCL needs whole, "
+                f"separate GPUs per rank: set num_gpus to a multiple of ranks"
+            )
+        return self
 
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # evaluate every N rounds, and always after the last one
     personalised: bool = True
     batch_size: int = Field(512, ge=1)
+    report_samples: int = Field(16, ge=0)  # report generation: test reports written beside their references
 
 
 class RayConfig(Section):
@@ -177,10 +229,19 @@ def default_config_path() -> Path:
     return Path(str(resources.files("raymed") / "configs" / "default.yaml"))
 
 
+def embedded_configs() -> list[str]:
+    """Names of the experiments shipped with raymed (``raymed run NAME``)."""
+    return sorted(p.stem for p in default_config_path().parent.glob("*.yaml"))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_file() and str(path) in embedded_configs():
+        path = default_config_path().parent / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give the path of an experiment YAML")
+        raise ConfigError(
+            f"config file {path} does not exist; give the path of an experiment YAML or one of raymed's: {', '.join(embedded_configs())}"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -269,6 +330,10 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         params = method.Params.model_validate(cfg.strategy.params)
     except ValidationError as err:
         raise ConfigError(format_error(err, method.Params, prefix=("strategy",))) from None
+    if cfg.engine.vectorise and cfg.clients.optimizer != "sgd":
+        raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
+    if cfg.data.task == "report" and cfg.engine.vectorise:
+        raise ConfigError("engine.vectorise: report generation trains a transformer decoder, which is not vectorised; set engine.vectorise=false")
     method(params).check_config(cfg)
     # Store the resolved parameters (defaults filled in) so the saved config is complete.
     cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))

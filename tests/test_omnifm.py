@@ -91,7 +91,7 @@ def _omnifm_client(data_dir, tmp_path, *overrides):
     cfg = small_config(data_dir, tmp_path, "strategy.name=omnifm", "strategy.bank_size=16", "strategy.top_k=5", *overrides)
     shards = ShardSet(materialise(cfg))
     method = build_method("omnifm", cfg.strategy.params)
-    model = method.build_model(cfg.model.name, shards.tasks, cfg.seed)
+    model = method.build_model(cfg.model, shards.tasks, cfg.seed)
     initial = float_state(model)
     state = method.init_state(initial)
 

@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymed.config import DataConfig, ExperimentConfig
-from raymed.data import medmnist_files, vqa_rad
+from raymed.data import medmnist_files, reports, vqa_rad
 from raymed.data.medmnist_files import DatasetFile
 from raymed.data.partition import holdout_split, partition
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,24 +43,82 @@ FORMAT_VERSION = 2
 
 def locate_sources(d: DataConfig) -> list[DatasetFile]:
     """Find (and check) every dataset of ``data.datasets``; a one-line DataError when one is missing."""
-    return [
-        vqa_rad.locate(flag, d.size, d.vqa_root) if vqa_rad.is_vqa_flag(flag) else medmnist_files.locate(flag, d.size, d.root, d.download)
-        for flag in d.datasets
-    ]
+    files = []
+    for flag in d.datasets:
+        if vqa_rad.is_vqa_flag(flag):
+            files.append(vqa_rad.locate(flag, d.size, d.vqa_root))
+        elif flag == "r2gen":
+            files.append(reports.locate_r2gen(d.size, d.report_root))
+        else:
+            files.append(medmnist_files.locate(flag, d.size, d.root, d.download))
+    if d.task == "report" and "pneumoniamnist" in d.datasets:
+        reports.find_root(d.report_root, "indiana_reports.csv")  # the report text must be there too
+    return files
 
 
 def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split (R2Gen: labels are [diagnosis, study index]; the text is attached later)."""
     if vqa_rad.is_vqa_flag(file.flag):
         return vqa_rad.load_split(file.path, file.flag, split, file.size)
+    if file.flag == "r2gen":
+        images, diagnosis, _ = reports.load_r2gen(file.path, split, file.size)
+        return images, np.column_stack([diagnosis[:, 0], np.arange(len(images))])
     return medmnist_files.load_split(file, split)
 
 
 def source_task(file: DatasetFile, d: DataConfig) -> TaskSpec:
-    """The task a run sets on a dataset: its own (classification, VQA), or super-resolution of its images."""
+    """The task a run sets on a dataset: its own (classification, VQA), or super-resolution of its images
+    (report generation's task is made in :func:`_attach_reports`, once the tokenizer exists)."""
     if vqa_rad.is_vqa_flag(file.flag):
         return vqa_rad.task(file.flag, file.path, file.size)
+    if file.flag == "r2gen":
+        return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
     task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size)
     return task.super_resolution(d.sr_scale) if d.task == "superresolution" else task
+
+
+def _attach_reports(
+    cfg: ExperimentConfig,
+    files: list[DatasetFile],
+    tasks: dict[str, TaskSpec],
+    train: dict[str, tuple[np.ndarray, np.ndarray]],
+    test: dict[str, tuple[np.ndarray, np.ndarray]],
+    clients: list[dict[str, np.ndarray]],
+    tmp: Path,
+    out: Path,
+) -> None:
+    """Report generation: give every row its report ([diagnosis, style, token ids]) and tokenizer, in place."""
+    d = cfg.data
+    texts: dict[str, tuple[list[str], np.ndarray, list[str]]] = {}
+    for f in files:
+        (_, y), (_, yt) = train[f.flag], test[f.flag]
+        if f.flag == "r2gen":
+            entries = reports.r2gen_annotation(f.path)
+            pick = lambda split, rows: [reports.clean(entries[split][int(i)]["report"]) for i in rows]  # noqa: E731
+            texts[f.flag] = (pick("train", y[:, 1]), np.zeros(len(y), np.int64), pick("test", yt[:, 1]))
+        else:
+            owner = np.full(len(y), -1)
+            for cid, rows_by_flag in enumerate(clients):
+                owner[rows_by_flag.get(f.flag, [])] = cid
+            root = reports.find_root(d.report_root, "indiana_reports.csv")
+            train_texts, styles = reports.medmnist_reports(y[:, 0], owner, cfg.clients.num, d.report_styles, root, cfg.seed)
+            test_texts, _ = reports.medmnist_reports(yt[:, 0], np.full(len(yt), -1), cfg.clients.num, 1, root, cfg.seed, draw=1)
+            texts[f.flag] = (train_texts, styles, test_texts)
+    if d.report_tokenizer:
+        tokenizer, tokenizer_path = reports.load_tokenizer(d.report_tokenizer), str(Path(d.report_tokenizer).resolve())
+    else:
+        prompts = [p for f in files for p in reports.prompt_texts(f.flag)]
+        tokenizer = reports.train_tokenizer([t for tr, _, _ in texts.values() for t in tr], tmp / "tokenizer", prompts)
+        tokenizer_path = str(out / "tokenizer")
+    for f in files:
+        train_texts, styles, test_texts = texts[f.flag]
+        (x, y), (xt, yt) = train[f.flag], test[f.flag]
+        train[f.flag] = (x, np.column_stack([y[:, 0], styles, reports.encode(tokenizer, train_texts, d.report_len)]))
+        test[f.flag] = (xt, np.column_stack([yt[:, 0], np.zeros(len(yt), np.int64), reports.encode(tokenizer, test_texts, d.report_len)]))
+        tasks[f.flag] = TaskSpec(
+            dataset=f.flag, kind="report", num_classes=2, channels=1, spatial_dims=2, image_size=f.size,
+            vocab_size=len(tokenizer), report_len=d.report_len, tokenizer=tokenizer_path, class_names=reports.CLASS_NAMES[f.flag],
+        )
 
 
 def _channel_first(images: np.ndarray, spatial_dims: int) -> np.ndarray:
@@ -72,7 +130,7 @@ def _channel_first(images: np.ndarray, spatial_dims: int) -> np.ndarray:
 
 def _table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
     flat_images = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()), int(np.prod(images.shape[1:])))
-    flat_labels = pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1).astype(np.int16)), labels.shape[1])
+    flat_labels = pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1).astype(np.int32)), labels.shape[1])
     return pa.table({"image": flat_images, "label": flat_labels})
 
 
@@ -90,6 +148,9 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "partition": d.partition,
         "task": d.task,
         "sr_scale": d.sr_scale,
+        "reports": (d.report_len, d.report_styles, d.report_tokenizer, reports.corpus_fingerprint(d.report_root))
+        if d.task == "report" and "pneumoniamnist" in d.datasets
+        else (d.report_len, d.report_tokenizer) if d.task == "report" else None,
         "alpha": d.alpha,
         "holdout": d.holdout_fraction,
         "min": d.min_examples,
@@ -137,6 +198,8 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if d.task == "report":
+        _attach_reports(cfg, files, tasks, train, test, clients, tmp, out)
     index_rows = []
     for flag, (x, y) in train.items():
         order, offset = [], 0
@@ -188,7 +251,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray  # uint8, N×C×spatial (a read-only view into the memory map)
-    labels: np.ndarray  # int16, N×L
+    labels: np.ndarray  # int32, N×L
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -11,6 +11,11 @@ ordinal-regression); two more kinds reuse the same rows differently:
   vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (answer −1 when
   the answer never occurs in training: always counted wrong); the model input is the pair
   (image, question tokens). Metrics: accuracy overall and per answer type (closed / open).
+- ``report`` (:mod:`raymed.data.reports`): report generation. A row's label holds
+  ``[diagnosis, style, report token ids...]``; the model input is (image, report tokens) and its
+  output the next-token logits of the report (teacher forcing; loss: cross-entropy over non-padding
+  tokens). Evaluation generates reports (token ids) and scores the decoded text with BLEU-1..4,
+  ROUGE-L, CIDEr and clinical-efficacy P/R/F1 (:mod:`raymed.data.report_metrics`).
 
 Classification losses:
 
@@ -36,8 +41,8 @@ import torch.nn.functional as F
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score, roc_auc_score
 
-TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "superres", "vqa"]
-ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question tokens)
+TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "superres", "vqa", "report"]
+ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question or report tokens)
 
 _KINDS: dict[str, TaskKind] = {
     "binary-class": "binary",
@@ -59,6 +64,13 @@ class TaskSpec:
     scale: int = 1  # super-resolution factor
     question_vocab: int = 0  # VQA: question token vocabulary size (0 = padding)
     question_len: int = 0  # VQA: question tokens per row
+    vocab_size: int = 0  # report: the tokenizer's vocabulary
+    report_len: int = 0  # report: tokens per report (BOS and EOS included)
+    tokenizer: str = ""  # report: folder of the tokenizer (transformers' save_pretrained)
+    class_names: tuple[str, ...] = ()  # report: diagnosis classes (the diagnosis-driven prompts)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(self.class_names))  # JSON gives back a list
 
     @classmethod
     def from_medmnist(cls, flag: str, synthetic: bool = False) -> TaskSpec:
@@ -87,13 +99,13 @@ class TaskSpec:
     @property
     def primary_metric(self) -> str:
         """The metric a run is summarised by (``global/mean/<it>``, ``personal/client_mean/<it>``)."""
-        return "psnr" if self.kind == "superres" else "acc"
+        return {"superres": "psnr", "report": "bleu4"}.get(self.kind, "acc")
 
     # ---- batches
 
     def partition_labels(self, labels: np.ndarray) -> np.ndarray:
         """The labels a partitioner skews by (VQA: the answer; the other kinds: the dataset's labels)."""
-        return labels[:, :1] if self.kind == "vqa" else labels
+        return labels[:, :1] if self.kind in ("vqa", "report") else labels
 
     def targets(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """What the outputs are scored against: labels, the full-size image (in [−1, 1]), or (answer, closed?)."""
@@ -101,7 +113,7 @@ class TaskSpec:
             return np.asarray(images, dtype=np.float32) / 127.5 - 1.0
         if self.kind == "vqa":
             return np.asarray(labels[:, :2], dtype=np.int64)
-        return np.asarray(labels)
+        return np.asarray(labels, dtype=np.int64) if self.kind == "report" else np.asarray(labels)
 
     def inputs(self, images: np.ndarray, labels: np.ndarray, in_channels: int, device: torch.device) -> tuple[ModelInput, torch.Tensor]:
         """A batch (model input, target) from stored uint8 images and labels, on ``device``."""
@@ -112,7 +124,24 @@ class TaskSpec:
         if self.kind == "vqa":
             labels = torch.as_tensor(labels, device=device).long()
             return (x, labels[:, 2:]), labels[:, :2]
+        if self.kind == "report":
+            labels = torch.as_tensor(labels, device=device).long()
+            return (x, labels[:, 2:]), labels
         return x, torch.as_tensor(labels, device=device)
+
+    # ---- report text
+
+    @property
+    def pad_id(self) -> int:
+        from raymed.data.reports import load_tokenizer
+
+        return load_tokenizer(self.tokenizer).pad_token_id
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        """Report text of token id rows."""
+        from raymed.data.reports import decode, load_tokenizer
+
+        return decode(load_tokenizer(self.tokenizer), ids)
 
     # ---- training
 
@@ -122,6 +151,8 @@ class TaskSpec:
             return F.mse_loss(logits, labels)
         if self.kind == "vqa":
             return F.cross_entropy(logits, labels[:, 0], ignore_index=-1)
+        if self.kind == "report":  # logits predict tokens 1.. of the report
+            return F.cross_entropy(logits.transpose(1, 2), labels[:, 3:], ignore_index=self.pad_id)
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, labels.float())
         target = labels[:, 0].long()
@@ -136,6 +167,8 @@ class TaskSpec:
         """Per-class probabilities (N×C) from logits; super-resolution: the image, clipped to [−1, 1]."""
         if self.kind == "superres":
             return logits.clamp(-1, 1).cpu().numpy()
+        if self.kind == "report":  # generated token ids
+            return logits.cpu().numpy()
         if self.kind == "multilabel":
             return torch.sigmoid(logits).cpu().numpy()
         if self.kind == "ordinal":
@@ -159,6 +192,10 @@ class TaskSpec:
             return {}
         if self.kind == "superres":
             return image_quality(scores, labels)
+        if self.kind == "report":
+            from raymed.data.report_metrics import report_scores
+
+            return report_scores(self.decode(scores), self.decode(labels[:, 2:]))
         if self.kind == "vqa":
             correct = scores.argmax(axis=1) == labels[:, 0]  # an answer unseen in training (−1) is never right
             closed = labels[:, 1] == 1

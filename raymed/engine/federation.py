@@ -47,9 +47,16 @@ class Federation:
                 "shards": str(shard_dir),
             },
         )
-        options: dict[str, Any] = {"name": f"{self.name}.server", "num_cpus": cfg.server.num_cpus, "num_gpus": cfg.server.num_gpus}
+        # Report generation: the server's resources go to its DeepSpeed decoder ranks, which it starts.
+        own = cfg.data.task != "report"
+        options: dict[str, Any] = {
+            "name": f"{self.name}.server",
+            "num_cpus": cfg.server.num_cpus if own else 0,
+            "num_gpus": cfg.server.num_gpus if own else 0,
+        }
         if placement:
-            options["scheduling_strategy"] = placement.strategy(placement.server_bundle)
+            bundle = placement.server_bundles[0] if own and placement.server_bundles else 0
+            options["scheduling_strategy"] = placement.strategy(bundle)
         self.server = ray.remote(ServerActor).options(**options).remote(
             cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement
         )
@@ -67,7 +74,7 @@ class Federation:
     def start(self) -> dict[str, Any]:
         """Wait for the server and its workers; returns where they run."""
         described = ray.get(self.server.describe.remote())
-        self.writer.add_meta(workers=described["workers"], dashboard=self.dashboard)
+        self.writer.add_meta(workers=described["workers"], dashboard=self.dashboard, **{k: described[k] for k in ("decoder",) if k in described})
         self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard, **described}
         return self.info
 

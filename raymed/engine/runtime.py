@@ -123,12 +123,20 @@ def trial_workers(cfg: ExperimentConfig) -> int:
     return 1 if cfg.engine.num_workers == "auto" else int(cfg.engine.num_workers)
 
 
+def server_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """What the server side asks for: its actor, or for report generation one bundle per DeepSpeed
+    rank (the server's CPUs and GPUs split evenly); none when it asks for no resources."""
+    s = cfg.server
+    ranks = s.ranks if cfg.data.task == "report" else 1
+    bundle = _bundle(s.num_cpus / ranks, s.num_gpus / ranks)
+    return [dict(bundle) for _ in range(ranks)] if bundle else []
+
+
 def federation_bundles(cfg: ExperimentConfig, num_workers: int) -> list[dict[str, float]]:
     """Placement-group bundles of one federation: the trial's driver (which also hosts the zero-CPU
-    server and client-state actors), the server when it asks for resources, one per client worker."""
-    server = _bundle(cfg.server.num_cpus, cfg.server.num_gpus)
+    server and client-state actors), the server's bundles, one per client worker."""
     worker = _bundle(cfg.clients.num_cpus, cfg.clients.num_gpus)
-    return [{"CPU": TRIAL_DRIVER_CPUS}, *([server] if server else []), *[dict(worker) for _ in range(num_workers)]]
+    return [{"CPU": TRIAL_DRIVER_CPUS}, *server_bundles(cfg), *[dict(worker) for _ in range(num_workers)]]
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class Placement:
     """Which bundle of a placement group each actor of a federation takes (see federation_bundles)."""
 
     group: PlacementGroup
-    server_bundle: int
+    server_bundles: tuple[int, ...]  # the server actor's, or the decoder ranks' (report generation); () = none
     worker_bundles: tuple[int, ...]
 
     @classmethod
@@ -145,15 +153,15 @@ class Placement:
         group = get_current_placement_group()
         if group is None:
             return None
-        server_bundle = 1 if _bundle(cfg.server.num_cpus, cfg.server.num_gpus) else 0
-        first = server_bundle + 1
+        server = tuple(range(1, 1 + len(server_bundles(cfg))))
+        first = 1 + len(server)
         workers = tuple(range(first, first + trial_workers(cfg)))
         if len(group.bundle_specs) != first + len(workers):
             raise ResourceError(
                 f"the placement group has {len(group.bundle_specs)} bundles but this federation needs "
                 f"{first + len(workers)} (see raymed.engine.runtime.federation_bundles); launch it with those bundles"
             )
-        return cls(group, server_bundle, workers)
+        return cls(group, server, workers)
 
     def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)

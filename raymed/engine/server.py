@@ -28,7 +28,7 @@ from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
-from raymed.engine.worker import ClientWorker, float_state
+from raymed.engine.worker import ClientWorker, float_state, frozen_state
 from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method
 
@@ -51,6 +51,15 @@ def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[l
     return groups
 
 
+def report_samples(task, generated: np.ndarray, targets: np.ndarray, round_: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` test reports, generated beside their references (written with the results)."""
+    n = min(count, len(targets))
+    return [
+        {"round": round_, "dataset": task.dataset, "row": i, "diagnosis": task.class_names[int(targets[i, 0])], "reference": ref, "generated": gen}
+        for i, (gen, ref) in enumerate(zip(task.decode(generated[:n]), task.decode(targets[:n, 2:])))
+    ]
+
+
 class ServerActor:
     def __init__(
         self,
@@ -65,8 +74,17 @@ class ServerActor:
         self.telemetry = Telemetry(run_name)
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.shards = ShardSet(shard_dir)
-        initial = float_state(self.method.build_model(self.cfg.model.name, self.shards.tasks, self.cfg.seed))
-        self.state = self.method.init_state(initial)
+        model = self.method.build_model(self.cfg.model, self.shards.tasks, self.cfg.seed)
+        self.state = self.method.init_state(float_state(model))
+        frozen = frozen_state(model)
+        frozen_ref = ray.put(frozen) if frozen else None  # shared by every worker of a node
+        del model
+        # Report generation: the master decoder lives in DeepSpeed ranks, which generate the global reports.
+        self.decoder = None
+        if any(t.kind == "report" for t in self.shards.tasks.values()):
+            from raymed.engine.decoder import DecoderGroup
+
+            self.decoder = DecoderGroup(self.cfg, shard_dir, run_name, placement)
         self.sizes = self.shards.client_sizes()
         folder = state_dir if self.cfg.engine.client_state == "disk" else None
         # Inside a placement group (a Tune trial) every actor is pinned to its bundle; otherwise Ray places them.
@@ -82,10 +100,11 @@ class ServerActor:
                 num_cpus=c.num_cpus,
                 num_gpus=c.num_gpus,
                 **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
-            ).remote(cfg, shard_dir, i, self.store, run_name)
+            ).remote(cfg, shard_dir, i, self.store, run_name, frozen_ref)
             for i in range(num_workers)
         ]
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
+        self.samples: list[dict[str, Any]] = []  # report generation: this round's sample reports
 
     def _wait_for_workers(self) -> list[dict[str, Any]]:
         """Ray's resources are logical: a worker that cannot be placed waits forever, so bound the wait."""
@@ -110,6 +129,7 @@ class ServerActor:
             "num_clients": self.shards.num_clients,
             "synthetic": self.shards.synthetic,
             "pids": {"server": os.getpid(), "client_state": ray.get(self.store.pid.remote())},
+            **({"decoder": self.decoder.info} if self.decoder else {}),
         }
 
     # ---- one round
@@ -156,6 +176,7 @@ class ServerActor:
             "time/train_s": train_s,
         }
         evaluation: list[dict[str, Any]] = []
+        self.samples = []
         if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             eval_start = time.perf_counter()
             metrics.update(self.evaluate_global())
@@ -165,7 +186,7 @@ class ServerActor:
             metrics["time/eval_s"] = time.perf_counter() - eval_start
         metrics["time/round_s"] = time.perf_counter() - start
         self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in records))
-        return {"metrics": metrics, "clients": records, "evaluation": evaluation}
+        return {"metrics": metrics, "clients": records, "evaluation": evaluation, "reports": self.samples}
 
     # ---- evaluation
 
@@ -173,21 +194,29 @@ class ServerActor:
         weights = self.method.eval_weights(self.state)
         if weights is None:
             return {}
-        chunks: list[list[tuple[str, int, int]]] = [[] for _ in self.workers]
-        for flag in self.shards.tasks:
-            n = len(self.shards.test(flag))
-            step = math.ceil(n / len(self.workers))
-            for i, start in enumerate(range(0, n, step)):
-                chunks[i % len(self.workers)].append((flag, start, min(start + step, n)))
-        ref = ray.put(weights)
-        parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(self.workers, chunks) if c]), [])
+        if self.decoder is not None:  # the DeepSpeed ranks hold the master model and generate
+            self.decoder.load(weights)
+            sizes = {flag: len(self.shards.test(flag)) for flag in self.shards.tasks}
+            parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)
+        else:
+            chunks: list[list[tuple[str, int, int]]] = [[] for _ in self.workers]
+            for flag in self.shards.tasks:
+                n = len(self.shards.test(flag))
+                step = math.ceil(n / len(self.workers))
+                for i, start in enumerate(range(0, n, step)):
+                    chunks[i % len(self.workers)].append((flag, start, min(start + step, n)))
+            ref = ray.put(weights)
+            parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(self.workers, chunks) if c]), [])
         parts.sort(key=lambda p: (p[0], p[1]))  # (dataset, first row): chunks back in test-split order
         out: dict[str, float] = {}
         for flag, task in self.shards.tasks.items():
             scores = np.concatenate([s for f, _, s in parts if f == flag])
             test = self.shards.test(flag)
-            for name, value in task.metrics(scores, task.targets(test.images, test.labels)).items():
+            targets = task.targets(test.images, test.labels)
+            for name, value in task.metrics(scores, targets).items():
                 out[f"global/{flag}/{name}"] = value
+            if task.kind == "report":
+                self.samples += report_samples(task, scores, targets, self.state.round, self.cfg.eval.report_samples)
         for name in self._primary_metrics():
             out[f"global/mean/{name}"] = float(np.mean([out[f"global/{f}/{name}"] for f in self.shards.tasks]))
         return out

@@ -35,12 +35,20 @@ _PROGRESS_EVERY_S = 0.5
 
 
 def float_state(model: torch.nn.Module) -> Weights:
-    """The model's floating-point state (parameters and running statistics) as numpy arrays."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    """The model's floating-point state (parameters and running statistics) as numpy arrays, without
+    its frozen weights (``model.frozen_keys``): those never change, so they are never sent."""
+    frozen = getattr(model, "frozen_keys", ())
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point() and k not in frozen}
+
+
+def frozen_state(model: torch.nn.Module) -> Weights:
+    """The model's frozen weights (a report decoder under LoRA), to share through the object store."""
+    frozen = getattr(model, "frozen_keys", ())
+    return {k: v.detach().cpu().numpy() for k, v in model.named_parameters() if k in frozen}  # tied weights once
 
 
 class ClientWorker:
-    def __init__(self, cfg: dict[str, Any], shard_dir: str, index: int, state_store: Any, run_name: str = "run"):
+    def __init__(self, cfg: dict[str, Any], shard_dir: str, index: int, state_store: Any, run_name: str = "run", frozen: Weights | None = None):
         self.cfg = validate_config(cfg)
         self.index = index
         self.telemetry = Telemetry(run_name)
@@ -50,7 +58,12 @@ class ClientWorker:
         self.shards = ShardSet(shard_dir)
         self.tasks = self.shards.tasks
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
-        self.model = self.method.build_model(self.cfg.model.name, self.tasks, self.cfg.seed).to(self.device)
+        model = self.method.build_model(self.cfg.model, self.tasks, self.cfg.seed)
+        if frozen:  # the frozen decoder weights: one copy per node in the object store, not one per worker
+            from raymed.models.report import share_frozen
+
+            share_frozen(model, frozen)
+        self.model = model.to(self.device)
         self.initial_weights = float_state(self.model)
         self.checked_fit = False
 
@@ -164,7 +177,7 @@ class ClientWorker:
         out = []
         for i in range(0, len(split), step):
             x, _ = task.inputs(np.array(split.images[i : i + step]), np.array(split.labels[i : i + step]), self.model.in_channels, self.device)
-            out.append(task.scores(self.model(x, flag)))
+            out.append(task.scores(self.model.predict(x, flag)))
         return np.concatenate(out)
 
     def evaluate_personalised(self, payload: Weights, client_ids: list[int]) -> list[dict[str, Any]]:

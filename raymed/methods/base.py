@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from raymed.config import ClientsConfig, ExperimentConfig
+from raymed.config import ClientsConfig, ExperimentConfig, ModelConfig
 from raymed.data.shards import ClientShard, Split
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import FedModel, build_model
@@ -206,7 +206,8 @@ Objective = Callable[[str, ModelInput, torch.Tensor], torch.Tensor]  # (dataset,
 
 
 def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Objective | None = None) -> dict[str, float]:
-    """``clients.local_epochs`` epochs of mini-batch SGD on the client's data, over ``ctx.trained_keys``.
+    """``clients.local_epochs`` epochs of mini-batch SGD (or AdamW, ``clients.optimizer``) on the
+    client's data, over ``ctx.trained_keys``.
 
     ``penalty`` (optional) maps the trained parameters (by name) to an extra loss term, e.g.
     FedProx's proximal term. ``objective`` (optional) replaces the task loss of the model's output
@@ -219,7 +220,10 @@ def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Obj
     model.train()
     trained = set(ctx.trained_keys)
     params = {name: p for name, p in model.named_parameters() if name in trained}
-    optimizer = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total, steps = torch.zeros((), device=ctx.device), 0
     for _ in range(cfg.local_epochs):
         for flag, x, y in ctx.batches():
@@ -250,10 +254,15 @@ class Method(ABC):
     def check_config(self, cfg: ExperimentConfig) -> None:
         """Refuse (ConfigError, one line) an experiment this method cannot run; called on validation."""
 
-    def build_model(self, backbone: str, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
-        """The model this method trains (the same seed gives the same weights in every process);
-        methods that add modules around the backbone (OmniFM) override it."""
-        return build_model(backbone, tasks, seed)
+    def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
+        """The model this method trains (the same seed gives the same weights in every process): a
+        classifier/regressor with a head per dataset, or the report generator for report tasks;
+        methods that add modules around the backbone (OmniFM, FedMRG) override it."""
+        if any(t.kind == "report" for t in tasks.values()):
+            from raymed.models.report import build_report_model
+
+            return build_report_model(cfg, tasks, seed)
+        return build_model(cfg.name, tasks, seed)
 
     # ---- server half
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from raymed.config import ExperimentConfig
+from raymed.errors import ConfigError
+
 from raymed.methods.base import (
     ClientContext,
     ClientUpdate,
@@ -41,6 +44,13 @@ class FedPerParams(FedAvgParams):
 class FedPer(Method):
     name = "fedper"
     Params = FedPerParams
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        if cfg.data.task == "report" and "heads." in self.params.personal_layers:
+            raise ConfigError(
+                "strategy fedper: the report model has no heads.*; set strategy.personal_layers to its own prefixes "
+                "(e.g. [decoder.]) or use strategy.name=fedmrg, whose specialised adapters stay on the clients"
+            )
 
     def is_personal(self, key: str) -> bool:
         return key.startswith(tuple(self.params.personal_layers))

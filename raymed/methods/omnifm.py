@@ -42,7 +42,7 @@ from pydantic import Field
 from sklearn.cluster import KMeans
 from torch import nn
 
-from raymed.config import ExperimentConfig
+from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
@@ -258,13 +258,15 @@ class OmniFM(FedPer):
     def check_config(self, cfg: ExperimentConfig) -> None:
         if any(flag.endswith("3d") for flag in cfg.data.datasets):
             raise ConfigError("strategy omnifm: the spectral token is a 2D FFT; use 2D datasets (no *3d flags)")
+        if cfg.data.task == "report":
+            raise ConfigError("strategy omnifm: report generation is FedMRG's task here; use strategy.name=fedmrg, fedavg or fedprox")
         if self.params.width % self.params.num_heads:
             raise ConfigError(f"strategy.width={self.params.width} must be divisible by strategy.num_heads={self.params.num_heads}")
 
-    def build_model(self, backbone: str, tasks: dict[str, TaskSpec], seed: int) -> OmniFMModel:
+    def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> OmniFMModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            body, in_channels = build_backbone(backbone, tasks)
+            body, in_channels = build_backbone(cfg.name, tasks)
             return OmniFMModel(body, tasks, in_channels, self.params)
 
     # ---- server half

@@ -109,6 +109,10 @@ class FedModel(nn.Module):
     def forward(self, x: ModelInput, dataset: str) -> torch.Tensor:
         return self.heads[dataset](self.features(x), x)
 
+    def predict(self, x: ModelInput, dataset: str) -> torch.Tensor:
+        """What evaluation scores (the outputs; the report model generates text here instead)."""
+        return self(x, dataset)
+
     def state_keys(self, datasets: list[str]) -> list[str]:
         """State entries a client holding ``datasets`` trains: all but other datasets' heads."""
         own = tuple(f"heads.{d}." for d in datasets)

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from raymed.results.store import read_run
 
-# Panels in this order when present; per-dataset accuracies follow.
-_HEADLINE = ["train/loss", "personal/client_mean/acc", "global/mean/acc"]
+# Panels: the training loss, the run's summary metrics (accuracy, PSNR or BLEU-4: ``*/mean/*``),
+# then the same metrics per dataset (report generation adds ROUGE-L, CIDEr and clinical F1).
+_SUMMARY = ("personal/client_mean/", "global/mean/")
+_REPORT_EXTRA = {"rouge_l", "cider", "ce_f1"}
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -22,8 +24,12 @@ def _label(run: dict[str, Any]) -> str:
 
 def _metric_columns(runs: list[dict[str, Any]]) -> list[str]:
     present = set().union(*(set(r["rounds"].columns) for r in runs))
-    per_dataset = sorted(c for c in present if c.endswith("/acc") and c not in _HEADLINE and not c.startswith("global/mean"))
-    return [c for c in _HEADLINE if c in present] + per_dataset
+    summary = sorted(c for c in present if c.startswith(_SUMMARY))
+    names = {c.rsplit("/", 1)[1] for c in summary} or {"acc"}
+    if "bleu4" in names:
+        names |= _REPORT_EXTRA
+    per_dataset = sorted(c for c in present if c.rsplit("/", 1)[-1] in names and c.startswith(("global/", "personal/")) and c not in summary)
+    return [c for c in ["train/loss", *summary] if c in present] + per_dataset
 
 
 def _fmt(value: Any) -> str:

@@ -7,6 +7,7 @@
     rounds.parquet           one row per round (rewritten atomically after every round)
     clients/round-NNNN.parquet      per-client training records of round NNNN
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
+    reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
     summary.json             status (completed / failed: why / interrupted), final metrics, wall time
 
 Everything is written as soon as it exists (temporary file, then rename), so a run that fails or
@@ -87,6 +88,12 @@ class RunWriter:
                 (self.dir / part).mkdir(exist_ok=True)
                 table = pa.Table.from_pandas(pd.DataFrame(result[part]), preserve_index=False)
                 _atomic_parquet(table, self.dir / part / f"round-{r:04d}.parquet")
+        if result.get("reports"):
+            (self.dir / "reports").mkdir(exist_ok=True)
+            path = self.dir / "reports" / f"round-{r:04d}.jsonl"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in result["reports"]))
+            os.replace(tmp, path)
 
     def restore_rounds(self, rounds: list[dict[str, float]]) -> None:
         """Start from the rounds of a checkpoint (their per-client files stay in the earlier run's folder)."""

@@ -1,0 +1,190 @@
+"""The report generator: an image encoder hands a causal language model (``transformers``) a visual
+prefix, optionally followed by a diagnosis-driven prompt, and the LM writes the report.
+
+::
+
+    images ─ backbone ─┬─ spatial tokens ─ pool to P ─ visual (linear) ─ V ∈ R^{P×d}
+                       └─ pooled features ─ diagnosis (linear) ─ ŷ      (when prompts are on)
+    LM input  = [V ‖ embed(prompt(ŷ)) ‖ embed(report[:-1])]  →  logits of report[1:]
+
+The decoder is a small GPT-2 built from ``model.decoder`` with seeded random weights (no hub
+download), or any local Hugging Face causal-LM checkpoint (``model.decoder.checkpoint``). With
+``lora_rank`` > 0 its weights are frozen and LoRA adapters (``peft``) are trained instead; several
+named adapters can be stacked (FedMRG: generic + specialised) and switched with :meth:`use_adapters`.
+Frozen weights are listed in :attr:`frozen_keys`: the engine never sends them (every process holds
+them already) and the client workers of a node share one copy from Ray's object store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymed.config import DecoderConfig, ModelConfig
+from raymed.data.tasks import ModelInput, TaskSpec
+from raymed.models import Backbone, build_backbone, images_of
+
+
+@dataclass
+class ReportOutput:
+    logits: torch.Tensor  # B×(L−1)×V, next-token logits of report[1:]
+    features: torch.Tensor  # B×F pooled image features
+    diagnosis: torch.Tensor | None  # B×C diagnosis logits (when prompts are on)
+
+
+def build_decoder(cfg: DecoderConfig, task: TaskSpec, context: int) -> nn.Module:
+    """The causal LM: a local checkpoint, or GPT-2 of the configured size with random weights."""
+    from raymed.data.reports import load_tokenizer, special_ids
+
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if cfg.checkpoint:
+        try:
+            return AutoModelForCausalLM.from_pretrained(cfg.checkpoint, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            from raymed.errors import ConfigError
+
+            raise ConfigError(f"model.decoder.checkpoint: {cfg.checkpoint} could not be loaded ({exc}); give a local transformers checkpoint folder") from None
+    pad, bos, eos = special_ids(load_tokenizer(task.tokenizer))
+    config = GPT2Config(
+        vocab_size=task.vocab_size, n_positions=context, n_embd=cfg.width, n_layer=cfg.layers, n_head=cfg.heads,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )
+    return GPT2LMHeadModel(config)
+
+
+class ReportModel(nn.Module):
+    def __init__(self, backbone: Backbone, in_channels: int, task: TaskSpec, cfg: DecoderConfig, prompts: bool, adapters: tuple[str, ...]):
+        super().__init__()
+        from raymed.data.reports import load_tokenizer, prompt_texts, special_ids
+
+        self.in_channels, self.task, self.prefix_tokens = in_channels, task, cfg.prefix_tokens
+        tokenizer = load_tokenizer(task.tokenizer)
+        self.pad_id, self.bos_id, self.eos_id = special_ids(tokenizer)
+        rows = tokenizer(prompt_texts(task.dataset), add_special_tokens=False)["input_ids"] if prompts else [[]] * task.num_classes
+        longest = max(map(len, rows))
+        prompt_ids = np.array([row + [self.pad_id] * (longest - len(row)) for row in rows], dtype=np.int64)
+        context = cfg.prefix_tokens + prompt_ids.shape[1] + task.report_len
+        decoder = build_decoder(cfg, task, context)
+        width = decoder.get_input_embeddings().embedding_dim
+        self.backbone = backbone
+        self.visual = nn.Linear(backbone.token_dim, width)
+        self.diagnosis = nn.Linear(backbone.feature_dim, task.num_classes) if prompts else None
+        self.register_buffer("prompt_ids", torch.as_tensor(prompt_ids, dtype=torch.long), persistent=False)
+        self.adapters = adapters if cfg.lora_rank > 0 else ()  # no adapters: the whole decoder is trained
+        if self.adapters:
+            from peft import LoraConfig, get_peft_model
+
+            def lora() -> LoraConfig:
+                return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0, bias="none")
+
+            with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so
+                warnings.simplefilter("ignore", UserWarning)
+                decoder = get_peft_model(decoder, lora(), adapter_name=adapters[0])
+                for name in adapters[1:]:
+                    decoder.add_adapter(name, lora())
+        self.decoder = decoder
+        # Under LoRA the decoder's own weights are frozen; every adapter (active or not) is trained.
+        # (state_dict, not named_parameters: tied weights such as GPT-2's lm_head appear there under both names)
+        self.frozen_keys = frozenset(f"decoder.{n}" for n in decoder.state_dict() if cfg.lora_rank > 0 and "lora_" not in n)
+        self.use_adapters(adapters)
+        self.synced_generation = False  # DeepSpeed ZeRO-3 with several ranks: every rank steps together
+
+    # ---- adapters
+
+    def use_adapters(self, names: tuple[str, ...] | list[str]) -> None:
+        """Activate the named LoRA adapters (their outputs add up); all adapters stay trainable."""
+        if not self.adapters:
+            return
+        self.decoder.base_model.set_adapter(list(names))
+        for key, param in self.decoder.named_parameters():
+            if "lora_" in key:
+                param.requires_grad_(True)  # peft freezes inactive adapters; local SGD picks its own parameters
+
+    @contextlib.contextmanager
+    def adapters_active(self, names: tuple[str, ...]):
+        self.use_adapters(names)
+        try:
+            yield
+        finally:
+            self.use_adapters(self.adapters)
+
+    # ---- the engine's model interface
+
+    def state_keys(self, datasets: list[str]) -> list[str]:
+        """Everything a client trains: all state except the frozen decoder weights."""
+        return [k for k in self.state_dict() if k not in self.frozen_keys]
+
+    def _prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """[V ‖ prompt] embeddings, pooled features and diagnosis logits."""
+        body = self.backbone.body(images)
+        features = self.backbone.pool(body)
+        tokens = body.flatten(2)  # B×C×(H·W)
+        tokens = F.adaptive_avg_pool1d(tokens, self.prefix_tokens).transpose(1, 2)
+        parts = [self.visual(tokens)]
+        diagnosis = None
+        if self.diagnosis is not None:
+            diagnosis = self.diagnosis(features)
+            prompt = self.prompt_ids[diagnosis.argmax(1)]  # the encoder's own diagnosis picks the prompt
+            parts.append(self.decoder.get_input_embeddings()(prompt))
+        return torch.cat(parts, dim=1), features, diagnosis
+
+    def run(self, x: ModelInput) -> ReportOutput:
+        """Teacher-forced pass: next-token logits of the report (x = (images, report ids))."""
+        images, ids = x
+        prefix, features, diagnosis = self._prefix(images)
+        text = self.decoder.get_input_embeddings()(ids[:, :-1])
+        inputs = torch.cat([prefix, text], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=ids.device), (ids[:, :-1] != self.pad_id).long()], 1)
+        mask[:, prefix.shape[1]] = 1  # BOS may share its id with padding (GPT-2 tokenizers)
+        logits = self.decoder(inputs_embeds=inputs, attention_mask=mask).logits[:, prefix.shape[1] :]
+        return ReportOutput(logits, features, diagnosis)
+
+    def forward(self, x: ModelInput, dataset: str | None = None) -> torch.Tensor:
+        return self.run(x).logits
+
+    @torch.no_grad()
+    def predict(self, x: ModelInput, dataset: str | None = None) -> torch.Tensor:
+        """Greedy-decoded reports (token ids, B×(report_len−1), padded)."""
+        images = images_of(x)
+        prefix, _, _ = self._prefix(images)
+        bos = self.decoder.get_input_embeddings()(torch.full((len(images), 1), self.bos_id, device=images.device))
+        inputs = torch.cat([prefix, bos], dim=1)
+        out = self.decoder.generate(
+            inputs_embeds=inputs,
+            attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=images.device),
+            max_new_tokens=self.task.report_len - 1,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            synced_gpus=self.synced_generation,
+        )
+        return F.pad(out, (0, self.task.report_len - 1 - out.shape[1]), value=self.pad_id)
+
+
+def build_report_model(cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int, prompts: bool = False, adapters: tuple[str, ...] = ("default",)) -> ReportModel:
+    """The report model for the (single) report dataset of ``tasks``, seeded like every model."""
+    if len(tasks) != 1:
+        raise ValueError("report generation takes one report dataset per run")
+    (task,) = tasks.values()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone, in_channels = build_backbone(cfg.name, tasks)
+        return ReportModel(backbone, in_channels, task, cfg.decoder, prompts, adapters)
+
+
+def share_frozen(model: nn.Module, frozen: dict[str, np.ndarray]) -> None:
+    """Point the model's frozen weights at ``frozen`` (arrays from Ray's object store, shared by every
+    process of a node) instead of a private copy; they are read, never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: torch warns that it cannot protect them
+        for key, param in model.named_parameters():  # tied weights (GPT-2's lm_head) are one parameter
+            if key in frozen:
+                param.data = torch.from_numpy(frozen[key])
