@@ -119,6 +119,9 @@ class DecoderConfig(Section):
     lora_rank: int = Field(8, ge=0)  # LoRA rank of the decoder adapters (peft); 0: fine-tune the whole decoder
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] | None = None  # module names to adapt; None: peft's default for the architecture
+    # Without a checkpoint: pretrain the random decoder as a language model for this many epochs on
+    # report text no client or test row uses (cached), so that LoRA adapts a language model, not noise.
+    pretrain_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DecoderConfig:

@@ -262,13 +262,18 @@ def test_fedmrg_run_writes_reports_beside_references(data_dir, tmp_path):
         "--set", "rounds=2", "--set", "eval.every=2", "--set", f"output_dir={out}", "--set", f"data.root={data_dir}",
         "--set", f"data.report_root={IU}", "--set", "clients.num=4", "--set", "data.max_train_per_dataset=160",
         "--set", "data.max_test_per_dataset=24", "--set", "data.report_len=32", "--set", "ray.num_cpus=2",
-        "--set", "ray.dashboard=false", "--set", "eval.report_samples=5",
+        "--set", "ray.dashboard=false", "--set", "eval.report_samples=5", "--set", "model.decoder.pretrain_epochs=1",
         *[a for o in TINY_DECODER for a in ("--set", o)],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = [d for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
     samples = [json.loads(line) for line in (run / "reports" / "round-0002.jsonl").read_text().splitlines()]
     assert len(samples) == 5 and all(s["reference"] and "generated" in s and s["diagnosis"] in ("normal", "pneumonia") for s in samples)
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # the pretrained decoder it started from
+    assert Path(saved["model"]["decoder"]["checkpoint"], "config.json").is_file()
+    assert saved["data"]["report_tokenizer"] == saved["model"]["decoder"]["checkpoint"]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["decoder"][0]["engine"] == "DeepSpeedEngine" and meta["decoder"][0]["zero_stage"] == 2
     import pandas as pd

@@ -135,14 +135,15 @@ def restyle(findings: str, impression: str, style: int) -> str:
 
 @functools.lru_cache(maxsize=2)
 def iu_pools(folder: Path) -> dict[int, list[tuple[str, str]]]:
-    """Distinct IU X-Ray (findings, impression) by diagnosis: 1 = pneumonia/opacity/consolidation/infiltrate, 0 = normal."""
+    """Distinct IU X-Ray (findings, impression) by diagnosis: 1 = pneumonia/opacity/consolidation/infiltrate,
+    0 = normal, and −1 = every other report (never paired with an image; the decoder's pretraining text)."""
     path = folder / "indiana_reports.csv"
     try:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"{path} could not be read ({exc}); replace it with IU X-Ray's indiana_reports.csv") from None
-    pools: dict[int, list[tuple[str, str]]] = {0: [], 1: []}
+    pools: dict[int, list[tuple[str, str]]] = {0: [], 1: [], -1: []}
     for row in rows:
         findings, impression = clean(row.get("findings") or ""), clean(row.get("impression") or "")
         if not findings:
@@ -152,11 +153,19 @@ def iu_pools(folder: Path) -> dict[int, list[tuple[str, str]]]:
             pools[0].append((findings, impression))
         elif _POSITIVE.search(labels):
             pools[1].append((findings, impression))
+        else:
+            pools[-1].append((findings, impression))
     # Many normal studies share a stock text: keep each text once, so that pools are disjoint in text too.
     pools = {label: list(dict.fromkeys(texts)) for label, texts in pools.items()}
     if not pools[0] or not pools[1]:
         raise DataError(f"{path} has no usable normal or pneumonia reports (columns MeSH, Problems, findings, impression)")
     return pools
+
+
+def pretraining_text(folder: Path) -> list[str]:
+    """IU X-Ray reports that MedMNIST-Reports never pairs with an image (neither normal nor
+    pneumonia-like): text to pretrain the decoder on without touching any federated or test report."""
+    return [" ".join(p for p in pair if p) for pair in iu_pools(folder)[-1]]
 
 
 def medmnist_reports(
@@ -167,7 +176,7 @@ def medmnist_reports(
     rng = np.random.default_rng([seed, 0x4D52])
     pools = iu_pools(folder)
     test_pool, client_pools = {}, {}
-    for label, reports in pools.items():
+    for label, reports in ((0, pools[0]), (1, pools[1])):
         order = rng.permutation(len(reports))
         n_test = max(1, int(TEST_POOL_FRACTION * len(reports)))
         test_pool[label] = order[:n_test]

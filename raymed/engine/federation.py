@@ -32,6 +32,9 @@ class Federation:
     """One federation on Ray: its server actor (which owns the client pool) and its run folder."""
 
     def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None):
+        from raymed.models.report import pretrained_decoder
+
+        cfg = pretrained_decoder(cfg)  # report runs may start from a pretrained decoder (built once, cached)
         self.cfg = cfg
         d = cfg.data
         files = locate_sources(d)

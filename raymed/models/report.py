@@ -18,15 +18,19 @@ them already) and the client workers of a node share one copy from Ray's object 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import shutil
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymed.config import DecoderConfig, ModelConfig
+from raymed.config import DecoderConfig, ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import Backbone, build_backbone, images_of
 
@@ -188,3 +192,71 @@ def share_frozen(model: nn.Module, frozen: dict[str, np.ndarray]) -> None:
         for key, param in model.named_parameters():  # tied weights (GPT-2's lm_head) are one parameter
             if key in frozen:
                 param.data = torch.from_numpy(frozen[key])
+
+
+# ---------------------------------------------------------------------------------------------------
+# A pretrained decoder (model.decoder.pretrain_epochs)
+
+
+def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` pointing at a decoder pretrained on report text no client or test row uses, when
+    ``model.decoder.pretrain_epochs`` > 0 and no checkpoint is given (built once, cached beside the
+    shards; its tokenizer becomes the run's). MedMNIST-Reports: the IU X-Ray reports that are neither
+    normal nor pneumonia-like (never paired with an image); R2Gen: the training split's reports."""
+    d = cfg.model.decoder
+    if cfg.data.task != "report" or d.checkpoint or not d.pretrain_epochs:
+        return cfg
+    from raymed.data import reports
+    from raymed.data.shards import default_cache_dir
+
+    if "r2gen" in cfg.data.datasets:
+        root = reports.find_root(cfg.data.report_root, "annotation.json")
+        texts, source = [reports.clean(e["report"]) for e in reports.r2gen_annotation(root)["train"]], root / "annotation.json"
+    else:
+        root = reports.find_root(cfg.data.report_root, "indiana_reports.csv")
+        texts, source = reports.pretraining_text(root), root / "indiana_reports.csv"
+    identity = [1, reports.md5(source), d.layers, d.width, d.heads, d.prefix_tokens, cfg.data.report_len, d.pretrain_epochs, cfg.seed]
+    out = (default_cache_dir(cfg) / f"decoder-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}").resolve()
+    if not (out / "config.json").is_file():
+        _pretrain(texts, out, d, cfg.data.report_len, cfg.seed)
+    resolved = cfg.model_copy(deep=True)
+    resolved.model.decoder.checkpoint = str(out)
+    resolved.data.report_tokenizer = str(out)
+    return resolved
+
+
+def _pretrain(texts: list[str], out: Path, d: DecoderConfig, report_len: int, seed: int, batch_size: int = 32) -> None:
+    """Next-token pretraining of a GPT-2 of the configured size (AdamW), saved with its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from raymed.data import reports
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prompts = [p for flag in reports.REPORT_DATASETS for p in reports.prompt_texts(flag)]
+    tokenizer = reports.train_tokenizer(texts, tmp, prompts)
+    pad, bos, eos = reports.special_ids(tokenizer)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=d.prefix_tokens + 16 + report_len, n_embd=d.width, n_layer=d.layers, n_head=d.heads,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        ids = torch.as_tensor(reports.encode(tokenizer, texts, report_len))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(d.pretrain_epochs):
+            for rows in torch.randperm(len(ids)).split(batch_size):
+                batch = ids[rows]
+                mask = (batch != pad).long()
+                mask[:, 0] = 1
+                loss = model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100)).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    model.save_pretrained(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:  # built concurrently by another process: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
