@@ -192,6 +192,10 @@ def test_specialised_adapter_never_leaves_the_client(data_dir, tmp_path):
     baseline = fedavg.client_update(_context(cfg, shards, lora, 0, float_state(lora)), float_state(lora))
     assert update.nbytes < 0.38 * baseline.nbytes  # at least 62% less than FedAvg of the LoRA model
     assert not any(k in baseline.delta for k in lora.frozen_keys)  # the frozen decoder is never sent
+    full = fedavg.build_model(cfg.model.model_copy(update={"decoder": cfg.model.decoder.model_copy(update={"lora_rank": 0})}), shards.tasks, cfg.seed)
+    sent = float_state(full)
+    assert "decoder.lm_head.weight" not in sent and "decoder.transformer.wte.weight" in sent  # a tied weight goes once
+    assert sum(v.size for v in sent.values()) == sum(p.numel() for p in full.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,9 +36,10 @@ _PROGRESS_EVERY_S = 0.5
 
 def float_state(model: torch.nn.Module) -> Weights:
     """The model's floating-point state (parameters and running statistics) as numpy arrays, without
-    its frozen weights (``model.frozen_keys``): those never change, so they are never sent."""
-    frozen = getattr(model, "frozen_keys", ())
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point() and k not in frozen}
+    what it never sends (``model.unsent_keys``: frozen weights, which never change, and the second
+    name of a tied weight)."""
+    unsent = getattr(model, "unsent_keys", ())
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point() and k not in unsent}
 
 
 def frozen_state(model: torch.nn.Module) -> Weights:

@@ -12,7 +12,8 @@ download), or any local Hugging Face causal-LM checkpoint (``model.decoder.check
 ``lora_rank`` > 0 its weights are frozen and LoRA adapters (``peft``) are trained instead; several
 named adapters can be stacked (FedMRG: generic + specialised) and switched with :meth:`use_adapters`.
 Frozen weights are listed in :attr:`frozen_keys`: the engine never sends them (every process holds
-them already) and the client workers of a node share one copy from Ray's object store.
+them already) and the client workers of a node share one copy from Ray's object store. Neither does
+it send the second name of a tied weight (:attr:`unsent_keys` holds both kinds).
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ class ReportModel(nn.Module):
         # Under LoRA the decoder's own weights are frozen; every adapter (active or not) is trained.
         # (state_dict, not named_parameters: tied weights such as GPT-2's lm_head appear there under both names)
         self.frozen_keys = frozenset(f"decoder.{n}" for n in decoder.state_dict() if cfg.lora_rank > 0 and "lora_" not in n)
+        # A tied weight (GPT-2's lm_head = its token embedding) is one tensor under two names: send it once.
+        first: dict[int, str] = {}
+        for key, value in self.state_dict(keep_vars=True).items():
+            first.setdefault(value.data_ptr(), key)
+        tied = {k for k, v in self.state_dict(keep_vars=True).items() if first[v.data_ptr()] != k}
+        self.unsent_keys = self.frozen_keys | tied
         self.use_adapters(adapters)
         self.synced_generation = False  # DeepSpeed ZeRO-3 with several ranks: every rank steps together
 
@@ -122,8 +129,8 @@ class ReportModel(nn.Module):
     # ---- the engine's model interface
 
     def state_keys(self, datasets: list[str]) -> list[str]:
-        """Everything a client trains: all state except the frozen decoder weights."""
-        return [k for k in self.state_dict() if k not in self.frozen_keys]
+        """Everything a client trains: all state except the frozen decoder weights (tied ones once)."""
+        return [k for k in self.state_dict() if k not in self.unsent_keys]
 
     def _prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """[V ‖ prompt] embeddings, pooled features and diagnosis logits."""
