@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -42,6 +40,7 @@ from raymed.config import load_config
 from raymed.engine import run_experiment
 from raymed.results import read_run
 from raymed.results.report import final_metrics
+from tables import agg, git_commit, md_table, mean_std, number, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "vqa")
 QUICK = ["clients.num=6", "data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
@@ -227,55 +226,13 @@ class Bench:
         )
 
 
-def number(v) -> float | None:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
 def flag_mean(final: dict, flags: list[str], metric: str) -> float | None:
     values = [v for f in flags if (v := number(final.get(f"personal/{f}/{metric}"))) is not None]
     return float(np.mean(values)) if values else None
 
 
-def agg(values: list) -> dict:
-    values = [v for v in map(number, values) if v is not None]
-    return {"mean": float(np.mean(values)) if values else None, "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
-
-
-def mean_std(values: dict | list, digits: int = 2) -> str:
-    """'mean ± sample std' (std only with ≥ 2 values), '—' when there is none."""
-    a = values if isinstance(values, dict) else agg(values)
-    if a["mean"] is None:
-        return "—"
-    return f"{a['mean']:.{digits}f}" + ("" if a["std"] is None else f" ± {a['std']:.{digits}f}")
-
-
 def paper(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main() -> int:
