@@ -198,6 +198,25 @@ def test_specialised_adapter_never_leaves_the_client(data_dir, tmp_path):
     assert sum(v.size for v in sent.values()) == sum(p.numel() for p in full.parameters())
 
 
+@needs_iu
+def test_workers_map_the_frozen_decoder_from_the_object_store(ray_session, data_dir, tmp_path):
+    """One copy per node: a worker's frozen decoder weights are views of the object store's arrays."""
+    from raymed.engine.worker import frozen_state
+    from raymed.models.report import share_frozen
+
+    cfg = report_config(data_dir, tmp_path)
+    shards = ShardSet(materialise(cfg))
+    method = build_method("fedmrg", cfg.strategy.params)
+    frozen = ray_session.get(ray_session.put(frozen_state(method.build_model(cfg.model, shards.tasks, cfg.seed))))
+    model = method.build_model(cfg.model, shards.tasks, cfg.seed + 1)  # other weights, to see them replaced
+    share_frozen(model, frozen)
+    params = dict(model.named_parameters())
+    assert frozen and all(not a.flags.writeable for a in frozen.values())  # Ray's shared memory, read-only
+    for key, array in frozen.items():
+        assert params[key].data_ptr() == array.ctypes.data  # no private copy
+    assert model.decoder.get_output_embeddings().weight.data_ptr() == model.decoder.get_input_embeddings().weight.data_ptr()  # still tied
+
+
 # ---------------------------------------------------------------------------------------------------
 # The server's DeepSpeed ranks
 
