@@ -40,7 +40,7 @@ from raymed.config import load_config
 from raymed.engine import run_experiment
 from raymed.results import read_run
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, md_table, mean_std, number, torch_cuda  # benchmarks/tables.py
+from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "vqa")
 QUICK = ["clients.num=6", "data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
@@ -236,26 +236,8 @@ def paper(v: float | None, digits: int = 2) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--allow-synthetic", action="store_true")
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma list among " + ",".join(SECTIONS))
-    ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, 6 clients, 120/60 rows per dataset, one seed")
-    args = ap.parse_args()
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    if unknown := set(only) - set(SECTIONS):
-        ap.error(f"unknown sections {sorted(unknown)}; allowed: {','.join(SECTIONS)}")
-
-    bench = Bench(args)
-    start = time.time()
-    for section in SECTIONS:
-        if section in only:
-            getattr(bench, section)()
-            bench.save()
-    print(f"\n{len(bench.runs)} runs in {time.time() - start:.0f}s; wrote {bench.out / 'omnifm_table.json'} and {bench.out / 'omnifm_table.md'}")
+    args = parse_args(__doc__, SECTIONS, rounds=15, seeds="0,1,2", quick="1 round, 6 clients, 120/60 rows per dataset, one seed")
+    run_sections(Bench(args), SECTIONS, args.only, "omnifm_table")
     return 0
 
 

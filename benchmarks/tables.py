@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +53,30 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, quick: str) -> argparse.Namespace:
+    """The paper-table benchmarks' shared command line; ``args.only`` comes back as a list of sections."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--seeds", default=seeds)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--allow-synthetic", action="store_true", help="accept synthetic stand-in image files (results flagged)")
+    ap.add_argument("--only", default=",".join(sections), help="comma list among " + ",".join(sections))
+    ap.add_argument("--quick", action="store_true", help=f"smoke test: {quick}")
+    args = ap.parse_args()
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if unknown := set(args.only) - set(sections):
+        ap.error(f"unknown sections {sorted(unknown)}; allowed: {','.join(sections)}")
+    return args
+
+
+def run_sections(bench, sections: tuple[str, ...], only: list[str], name: str) -> None:
+    """Run the chosen sections in order (``bench.<section>()``), saving after each."""
+    start = time.time()
+    for section in sections:
+        if section in only:
+            getattr(bench, section)()
+            bench.save()
+    print(f"\n{len(bench.runs)} runs in {time.time() - start:.0f}s; wrote {bench.out / f'{name}.json'} and {bench.out / f'{name}.md'}")

@@ -124,10 +124,9 @@ def test_medmnist_reports_pair_text_by_diagnosis_with_a_style_per_client(data_di
     assert set(test_texts).isdisjoint(texts)
 
 
+@pytest.mark.skipif(not (IU / "annotation_r2gen.json").is_file(), reason="annotation_r2gen.json not in ../shared/data/iu_xray")
 def test_r2gen_loader_reads_the_real_annotation_with_stand_in_images(tmp_path):
     annotation = IU / "annotation_r2gen.json"
-    if not annotation.is_file():
-        pytest.skip("annotation_r2gen.json not in ../shared/data/iu_xray")
     from PIL import Image
 
     folder = tmp_path / "iu_r2gen"
