@@ -77,7 +77,8 @@ class ServerActor:
         model = self.method.build_model(self.cfg.model, self.shards.tasks, self.cfg.seed)
         self.state = self.method.init_state(float_state(model))
         frozen = frozen_state(model)
-        frozen_ref = ray.put(frozen) if frozen else None  # shared by every worker of a node
+        # One copy in the object store, mapped by every worker of a node; held here for the run's life.
+        self.frozen_ref = ray.put(frozen) if frozen else None
         del model
         # Report generation: the master decoder lives in DeepSpeed ranks, which generate the global reports.
         self.decoder = None
@@ -100,7 +101,7 @@ class ServerActor:
                 num_cpus=c.num_cpus,
                 num_gpus=c.num_gpus,
                 **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
-            ).remote(cfg, shard_dir, i, self.store, run_name, frozen_ref)
+            ).remote(cfg, shard_dir, i, self.store, run_name, self.frozen_ref)
             for i in range(num_workers)
         ]
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
