@@ -58,6 +58,15 @@ def search_dirs(root: str | None) -> list[Path]:
     return dirs
 
 
+def side_data_dirs(given: str | None, env_var: str, sibling: str) -> list[Path]:
+    """Where a dataset other than MedMNIST's files is looked for: the configured folder, ``$env_var``,
+    then ``sibling/`` beside ``$RAYMED_DATA_DIR`` (as ../shared/data lays them out)."""
+    candidates = [given, os.environ.get(env_var)]
+    if os.environ.get("RAYMED_DATA_DIR"):
+        candidates.append(str(Path(os.environ["RAYMED_DATA_DIR"]).expanduser().parent / sibling))
+    return [Path(c).expanduser() for c in candidates if c]
+
+
 @dataclass(frozen=True)
 class DatasetFile:
     flag: str

@@ -32,13 +32,12 @@ import csv
 import functools
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from raymed.data.medmnist_files import DatasetFile
+from raymed.data.medmnist_files import DatasetFile, side_data_dirs
 from raymed.errors import DataError
 
 REPORT_DATASETS = ("pneumoniamnist", "r2gen")
@@ -81,12 +80,8 @@ STYLES: tuple[tuple[tuple[tuple[str, str], ...], bool], ...] = (
 
 def find_root(root: str | None, marker: str) -> Path:
     """The folder holding ``marker`` (indiana_reports.csv or annotation.json), or a one-line DataError."""
-    candidates = [root, os.environ.get("RAYMED_REPORTS_DIR")]
-    if os.environ.get("RAYMED_DATA_DIR"):
-        candidates.append(str(Path(os.environ["RAYMED_DATA_DIR"]).expanduser().parent / "iu_xray"))
     looked = []
-    for candidate in filter(None, candidates):
-        folder = Path(candidate).expanduser()
+    for folder in side_data_dirs(root, "RAYMED_REPORTS_DIR", "iu_xray"):
         looked.append(str(folder))
         if (folder / marker).is_file():
             return folder.resolve()
@@ -117,7 +112,7 @@ def corpus_fingerprint(root: str | None) -> str:
 
 
 def clean(text: str) -> str:
-    """One line of report text without IU X-Ray's "XXXX" de-identification placeholders."""
+    """One line of report text, IU X-Ray's de-identification marks ("XXXX") removed."""
     text = re.sub(r"\bX{2,}\b", " ", text)
     text = re.sub(r"\s+([.,;:])", r"\1", text)
     return " ".join(text.split())

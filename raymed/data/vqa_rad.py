@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raymed.data.medmnist_files import DatasetFile
+from raymed.data.medmnist_files import DatasetFile, side_data_dirs
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
@@ -43,12 +42,8 @@ def is_vqa_flag(flag: str) -> bool:
 
 def find_root(root: str | None = None) -> Path:
     """The ``data_RAD`` folder, or a one-line DataError naming where it was looked for."""
-    candidates = [root, os.environ.get("RAYMED_VQA_RAD_DIR")]
-    if os.environ.get("RAYMED_DATA_DIR"):
-        candidates.append(str(Path(os.environ["RAYMED_DATA_DIR"]).expanduser().parent / "vqa_rad"))
     looked = []
-    for candidate in filter(None, candidates):
-        base = Path(candidate).expanduser()
+    for base in side_data_dirs(root, "RAYMED_VQA_RAD_DIR", "vqa_rad"):
         for folder in (base, base / "data_RAD"):
             looked.append(str(folder))
             if (folder / "trainset.json").is_file() and (folder / "images").is_dir():

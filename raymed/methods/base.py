@@ -158,6 +158,13 @@ class ClientContext:
     def load(self, weights: Weights) -> None:
         load_weights(self.model, weights)
 
+    def own_state(self, is_own: Callable[[str], bool]) -> Weights:
+        """What this client keeps between rounds (FedPer's heads, FedMRG's specialised adapter): its
+        saved state, or on first participation the seeded initial values of the keys ``is_own`` picks."""
+        if self.state is not None:
+            return self.state
+        return {k: v for k, v in self.initial_weights.items() if is_own(k)}
+
     def read(self, keys: list[str]) -> Weights:
         state = self.model.state_dict()
         return {k: state[k].detach().cpu().numpy().copy() for k in keys}

@@ -221,14 +221,9 @@ class FedMRG(Method):
 
     # ---- client half
 
-    def _specialised(self, ctx: ClientContext) -> Weights:
-        if ctx.state is not None:
-            return ctx.state
-        return {k: v for k, v in ctx.initial_weights.items() if self.is_personal(k)}
-
     def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
         ctx.load(payload)
-        ctx.load(self._specialised(ctx))
+        ctx.load(ctx.own_state(self.is_personal))
         ctx.model.use_adapters(self.adapters)
 
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:

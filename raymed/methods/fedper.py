@@ -68,14 +68,9 @@ class FedPer(Method):
 
     # ---- client half
 
-    def _personal(self, ctx: ClientContext) -> Weights:
-        if ctx.state is not None:
-            return ctx.state
-        return {k: v for k, v in ctx.initial_weights.items() if self.is_personal(k)}
-
     def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
         ctx.load(payload)
-        ctx.load(self._personal(ctx))
+        ctx.load(ctx.own_state(self.is_personal))
 
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         self.load_personalised(ctx, payload)
@@ -83,7 +78,7 @@ class FedPer(Method):
         return self._update(ctx, payload, ctx.read(ctx.trained_keys), metrics)
 
     def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
-        trained = local_sgd_many(ctxs, [{**payload, **self._personal(ctx)} for ctx in ctxs])
+        trained = local_sgd_many(ctxs, [{**payload, **ctx.own_state(self.is_personal)} for ctx in ctxs])
         return [self._update(ctx, payload, weights, metrics) for ctx, (weights, metrics) in zip(ctxs, trained)]
 
     def _update(self, ctx: ClientContext, payload: Weights, trained: Weights, metrics: dict) -> ClientUpdate:
