@@ -39,7 +39,6 @@ overrides apply to every run after the row's own (so a FedMRG-only key such as
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -54,7 +53,7 @@ from raymed.config import load_config
 from raymed.engine import run_experiment
 from raymed.results import read_run
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
+from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, sources_md5, torch_cuda  # benchmarks/tables.py
 
 CONFIG = "fedmrg"
 FLAG = "pneumoniamnist"
@@ -238,15 +237,6 @@ def compare(method: dict, baseline: dict) -> dict:
     return {"baseline": baseline["row"], "bytes_up_per_client_round": b_m, "bytes_up_per_client_round_baseline": b_b,
             "reduction_pct": reduction, "reduction_pass": red_ok, "ce_f1": f1_m, "ce_f1_baseline": f1_b, "ce_f1_pass": f1_ok,
             "pass": None if red_ok is None or f1_ok is None else red_ok and f1_ok}
-
-
-def sources_md5() -> str:
-    """md5 over raymed's Python files and embedded configs (names and contents)."""
-    root, h = Path(raymed.__file__).resolve().parent, hashlib.md5()
-    for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def verdict(ok: bool | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import subprocess
 import time
@@ -47,6 +48,18 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def sources_md5() -> str:
+    """md5 over raymed's Python files and embedded configs (names and contents): a shared working
+    tree may be edited while a benchmark runs."""
+    import raymed
+
+    root, h = Path(raymed.__file__).resolve().parent, hashlib.md5()
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def torch_cuda() -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raymed.errors import ConfigError
 
@@ -50,13 +50,19 @@ class DataConfig(Section):
     max_train_per_dataset: int | None = Field(None, ge=1)
     max_test_per_dataset: int | None = Field(None, ge=1)
     cache_dir: str | None = None
+    # A seeded fraction of every dataset's training rows (VQA-RAD: by image) that no client gets: the
+    # server's own small split, for methods that train on the server (FedKIM's central model).
+    server_fraction: float = Field(0.0, ge=0, lt=0.5)
+    # Datasets only tested on (their test split is stored, no client or server row): zero-shot
+    # evaluation of a held-out modality.
+    held_out: list[str] = Field(default_factory=list)
 
-    @field_validator("datasets")
+    @field_validator("datasets", "held_out")
     @classmethod
-    def _known_flags(cls, flags: list[str]) -> list[str]:
+    def _known_flags(cls, flags: list[str], info: ValidationInfo) -> list[str]:
         from medmnist import INFO
 
-        if not flags:
+        if not flags and info.field_name == "datasets":
             raise ValueError("needs at least one MedMNIST flag")
         from raymed.data.vqa_rad import ORGANS
 
@@ -68,9 +74,11 @@ class DataConfig(Section):
                 raise ValueError(f"unknown dataset {flag!r}{hint}; allowed: {', '.join(sorted(known))}")
         if len(set(flags)) != len(flags):
             raise ValueError("lists a dataset twice")
-        if len({flag.endswith("3d") for flag in flags}) > 1:
-            raise ValueError("mixes 2D and 3D datasets, which no single backbone can take; run them separately")
         return flags
+
+    @property
+    def mixes_dimensions(self) -> bool:
+        return len({flag.endswith("3d") for flag in self.datasets + self.held_out}) > 1
 
     @model_validator(mode="after")
     def _task_fits(self) -> DataConfig:
@@ -86,6 +94,10 @@ class DataConfig(Section):
             raise ValueError(f"task report needs report datasets ({', '.join(REPORT_DATASETS)}); got {', '.join(self.datasets)}")
         if self.task != "report" and "r2gen" in self.datasets:
             raise ValueError("r2gen is a report-generation dataset; set data.task=report")
+        if set(self.held_out) & set(self.datasets):
+            raise ValueError(f"held_out lists {', '.join(sorted(set(self.held_out) & set(self.datasets)))}, which data.datasets trains on")
+        if self.held_out and self.task != "classification":
+            raise ValueError("held_out datasets are for classification/question-answering runs")
         return self
 
     @model_validator(mode="after")
@@ -337,6 +349,11 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
     if cfg.data.task == "report" and cfg.engine.vectorise:
         raise ConfigError("engine.vectorise: report generation trains a transformer decoder, which is not vectorised; set engine.vectorise=false")
+    if cfg.data.mixes_dimensions and not method.mixes_dimensions:
+        raise ConfigError(
+            f"data.datasets mixes 2D and 3D datasets, which one backbone cannot take under strategy {cfg.strategy.name}; "
+            f"run them separately, or use a strategy with an encoder per input kind (fedkim)"
+        )
     method(params).check_config(cfg)
     # Store the resolved parameters (defaults filled in) so the saved config is complete.
     cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))

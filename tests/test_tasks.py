@@ -57,8 +57,9 @@ def test_vqa_rad_loader_reads_the_release():
     for images, labels in train.values():
         assert images.shape[1:] == (28, 28) and images.dtype == np.uint8 and labels.shape[1] == 2 + vqa_rad.QUESTION_LEN
         assert labels[:, 0].min() >= 0 and set(np.unique(labels[:, 1])) == {0, 1}  # every training answer is in the vocabulary
-    unseen = np.concatenate([y[:, 0] for _, y in test.values()]) < 0
-    assert 0 < unseen.mean() < 0.2  # a few test answers never occur in training: always wrong
+    unseen = np.concatenate([y[:, 0] for _, y in test.values()]) >= len(vocab.answers)
+    assert 0 < unseen.mean() < 0.2  # a few test answers never occur in training: always wrong, their text kept
+    assert all(vocab.all_answers[i] for i in np.concatenate([y[:, 0] for _, y in test.values()]))
     assert vocab.answers[:2] == ("no", "yes") and vocab.encode("Is there a fracture?")[:4] != [1, 1, 1, 1]
 
 

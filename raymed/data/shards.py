@@ -7,6 +7,9 @@ Layout of a shard set (a folder named by a hash of everything that determines it
     {flag}.train.arrow        training rows of {flag}, reordered so that each client's rows are one
                               contiguous block: [its local-train rows | its held-out rows]
     {flag}.test.arrow         the official test split, for global evaluation
+    {flag}.server.arrow       the server's own rows (``data.server_fraction`` > 0), which no client holds
+
+Held-out datasets (``data.held_out``) have a test split only: no client or server trains on them.
 
 Images are stored channel-first (C×H×W or C×D×H×W) as fixed-size lists of uint8, so a worker slices a
 client's block out of the memory map without copying or re-sending data through the driver.
@@ -34,7 +37,7 @@ from raymed.data.partition import holdout_split, partition
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: VQA test-only answers get ids past the classes; server and held-out splits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -44,7 +47,7 @@ FORMAT_VERSION = 3
 def locate_sources(d: DataConfig) -> list[DatasetFile]:
     """Find (and check) every dataset of ``data.datasets``; a one-line DataError when one is missing."""
     files = []
-    for flag in d.datasets:
+    for flag in d.datasets + d.held_out:
         if vqa_rad.is_vqa_flag(flag):
             files.append(vqa_rad.locate(flag, d.size, d.vqa_root))
         elif flag == "r2gen":
@@ -156,10 +159,20 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "min": d.min_examples,
         "max_train": d.max_train_per_dataset,
         "max_test": d.max_test_per_dataset,
+        "server_fraction": d.server_fraction,
+        "held_out": d.held_out,
         "clients": cfg.clients.num,
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def server_rows(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A seeded ``fraction`` of the rows, whole images at a time (VQA-RAD asks several questions of
+    one image: the server's questions and the clients' never share an image)."""
+    _, group = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
+    groups = rng.permutation(group.max() + 1)[: int(round(fraction * (group.max() + 1)))]
+    return np.flatnonzero(np.isin(group.reshape(-1), groups))
 
 
 def default_cache_dir(cfg: ExperimentConfig) -> Path:
@@ -175,19 +188,27 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
         return out
 
     rng = np.random.default_rng([cfg.seed, 0x5A4D])
+    server_rng = np.random.default_rng([cfg.seed, 0x5E7])
     train: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    server: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for f in files:
         spatial = 3 if f.flag.endswith("3d") else 2
-        x, y = load_source(f, "train")
-        if d.max_train_per_dataset and len(x) > d.max_train_per_dataset:
-            keep = np.sort(rng.choice(len(x), d.max_train_per_dataset, replace=False))
-            x, y = x[keep], y[keep]
+        if f.flag in d.datasets:
+            x, y = load_source(f, "train")
+            if d.max_train_per_dataset and len(x) > d.max_train_per_dataset:
+                keep = np.sort(rng.choice(len(x), d.max_train_per_dataset, replace=False))
+                x, y = x[keep], y[keep]
+            if d.server_fraction > 0:
+                rows = server_rows(x, d.server_fraction, server_rng)
+                server[f.flag] = (_channel_first(x[rows], spatial), y[rows])
+                rest = np.setdiff1d(np.arange(len(x)), rows)
+                x, y = x[rest], y[rest]
+            train[f.flag] = (_channel_first(x, spatial), y)
         xt, yt = load_source(f, "test")
         if d.max_test_per_dataset and len(xt) > d.max_test_per_dataset:
             keep = np.sort(rng.choice(len(xt), d.max_test_per_dataset, replace=False))
             xt, yt = xt[keep], yt[keep]
-        train[f.flag] = (_channel_first(x, spatial), y)
         test[f.flag] = (_channel_first(xt, spatial), yt)
 
     tasks = {f.flag: source_task(f, d) for f in files}
@@ -213,28 +234,33 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             offset += len(rows)
         order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
         _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
-        _write_arrow(tmp / f"{flag}.test.arrow", *test[flag])
+    for flag, (x, y) in server.items():
+        _write_arrow(tmp / f"{flag}.server.arrow", x, y)
+    for flag, split in test.items():
+        _write_arrow(tmp / f"{flag}.test.arrow", *split)
 
     cids, flags, offsets, n_train, n_hold = zip(*sorted(index_rows))
     pq.write_table(
         pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_holdout": n_hold}),
         tmp / "index.parquet",
     )
+    def describe(f: DatasetFile) -> dict:
+        return {
+            "shape": list(test[f.flag][0].shape[1:]),
+            "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
+            "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
+            "num_test": int(len(test[f.flag][0])),
+            "file": str(f.path),
+            "md5": f.md5,
+            "synthetic": f.synthetic,
+            "task": asdict(tasks[f.flag]),
+        }
+
     meta = {
         "format": FORMAT_VERSION,
         "num_clients": cfg.clients.num,
-        "datasets": {
-            f.flag: {
-                "shape": list(train[f.flag][0].shape[1:]),
-                "num_train": int(len(train[f.flag][0])),
-                "num_test": int(len(test[f.flag][0])),
-                "file": str(f.path),
-                "md5": f.md5,
-                "synthetic": f.synthetic,
-                "task": asdict(tasks[f.flag]),
-            }
-            for f in files
-        },
+        "datasets": {f.flag: describe(f) for f in files if f.flag in train},
+        "held_out": {f.flag: describe(f) for f in files if f.flag not in train},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
@@ -292,6 +318,7 @@ class ShardSet:
         for row in index:
             self.index.setdefault(row["client_id"], []).append(row)
         self.tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta["datasets"].items()}
+        self.held_out_tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta.get("held_out", {}).items()}
         self._arrays: dict[str, Split] = {}
 
     @property
@@ -307,7 +334,7 @@ class ShardSet:
         if key not in self._arrays:
             source = pa.memory_map(str(self.folder / f"{key}.arrow"), "r")
             table = pa.ipc.open_file(source).read_all()
-            shape = self.meta["datasets"][flag]["shape"]
+            shape = {**self.meta["datasets"], **self.meta.get("held_out", {})}[flag]["shape"]
             images = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=True)
             labels_col = table.column("label").combine_chunks()
             labels = labels_col.flatten().to_numpy(zero_copy_only=True).reshape(len(table), labels_col.type.list_size)
@@ -333,3 +360,10 @@ class ShardSet:
 
     def test(self, flag: str) -> Split:
         return self._split(flag, "test")
+
+    def server(self, flag: str) -> Split:
+        """The server's own rows of ``flag`` (empty when ``data.server_fraction`` is 0)."""
+        if not self.meta["datasets"][flag].get("num_server"):
+            shape = self.meta["datasets"][flag]["shape"]
+            return Split(np.zeros((0, *shape), np.uint8), np.zeros((0, 1), np.int32))
+        return self._split(flag, "server")

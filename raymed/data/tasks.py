@@ -8,8 +8,8 @@ ordinal-regression); two more kinds reuse the same rows differently:
   enlarged back (bicubic) to full size; the target is the original image. Loss: mean squared error;
   metrics: PSNR (dB, on intensities in [0, 1]) and SSIM (scikit-image).
 - ``vqa`` (VQA-RAD, :mod:`raymed.data.vqa_rad`): answer classification over the training answer
-  vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (answer −1 when
-  the answer never occurs in training: always counted wrong); the model input is the pair
+  vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (an id past the
+  classes when the answer never occurs in training: always counted wrong); the model input is the pair
   (image, question tokens). Metrics: accuracy overall and per answer type (closed / open).
 - ``report`` (:mod:`raymed.data.reports`): report generation. A row's label holds
   ``[diagnosis, style, report token ids...]``; the model input is (image, report tokens) and its
@@ -150,7 +150,8 @@ class TaskSpec:
         if self.kind == "superres":
             return F.mse_loss(logits, labels)
         if self.kind == "vqa":
-            return F.cross_entropy(logits, labels[:, 0], ignore_index=-1)
+            answer = labels[:, 0].masked_fill(labels[:, 0] >= logits.shape[1], -1)  # test-only answers: no class to train
+            return F.cross_entropy(logits, answer, ignore_index=-1)
         if self.kind == "report":  # logits predict tokens 1.. of the report
             return F.cross_entropy(logits.transpose(1, 2), labels[:, 3:], ignore_index=self.pad_id)
         if self.kind == "multilabel":
@@ -197,7 +198,7 @@ class TaskSpec:
 
             return report_scores(self.decode(scores), self.decode(labels[:, 2:]))
         if self.kind == "vqa":
-            correct = scores.argmax(axis=1) == labels[:, 0]  # an answer unseen in training (−1) is never right
+            correct = scores.argmax(axis=1) == labels[:, 0]  # an answer unseen in training (id >= classes) is never right
             closed = labels[:, 1] == 1
             return {
                 "acc": float(correct.mean()),

@@ -11,7 +11,8 @@ Found at ``data.vqa_root``, ``$RAYMED_VQA_RAD_DIR``, or ``vqa_rad/`` next to ``$
 Images are read as gray and resized to ``data.size`` (bicubic). Questions are lower-cased word
 tokens (ids from the training questions, 0 = padding, 1 = unknown), cut to :data:`QUESTION_LEN`.
 Answers are normalised (lower case, collapsed spaces) and classified over every answer of the
-training set (all organs); a test answer never seen in training gets id −1 and always counts as
+training set (all organs); a test answer never seen in training gets an id past them (into
+:attr:`Vocabulary.all_answers`, so its text is kept for open-answer scores) and always counts as
 wrong, as in answer-classification VQA. A row's label is ``[answer id, closed?, token ids...]``.
 """
 
@@ -95,7 +96,16 @@ def normalise_answer(answer: object) -> str:
 @dataclass(frozen=True)
 class Vocabulary:
     words: tuple[str, ...]  # index 0 = padding, 1 = unknown
-    answers: tuple[str, ...]
+    answers: tuple[str, ...]  # the training answers: the classes
+    test_answers: tuple[str, ...] = ()  # answers only the test set has (ids len(answers)...)
+
+    @property
+    def all_answers(self) -> tuple[str, ...]:
+        return self.answers + self.test_answers
+
+    def question(self, ids) -> str:
+        """The (lower-case, tokenised) question of a row's word ids."""
+        return " ".join(self.words[int(i)] for i in ids if int(i) > 0)
 
     @functools.cached_property
     def word_ids(self) -> dict[str, int]:
@@ -113,7 +123,8 @@ def vocabulary(folder: Path) -> Vocabulary:
     word_counts = Counter(w for r in train for w in words(r["question"]))
     answer_counts = Counter(normalise_answer(r["answer"]) for r in train)
     by_count = lambda counts: tuple(k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
-    return Vocabulary(("<pad>", "<unk>") + by_count(word_counts), by_count(answer_counts))
+    test_only = Counter(a for r in _read(folder, "test") if (a := normalise_answer(r["answer"])) not in answer_counts)
+    return Vocabulary(("<pad>", "<unk>") + by_count(word_counts), by_count(answer_counts), by_count(test_only))
 
 
 @functools.lru_cache(maxsize=2048)  # 315 images in the release
@@ -130,14 +141,14 @@ def _image(path: Path, size: int) -> np.ndarray:
 def load_split(folder: Path, flag: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Images (N×size×size uint8) and labels (N×(2+QUESTION_LEN) int64) of one organ's split."""
     vocab = vocabulary(folder)
-    answer_id = {a: i for i, a in enumerate(vocab.answers)}
+    answer_id = {a: i for i, a in enumerate(vocab.all_answers)}
     rows = [r for r in _read(folder, "train" if split == "train" else "test") if r["image_organ"].strip() == ORGANS[flag]]
     if not rows:
         raise DataError(f"{folder}: no {split} questions on {ORGANS[flag]} images; is this the VQA-RAD release?")
     images = np.stack([_image(folder / "images" / r["image_name"], size) for r in rows])
     labels = np.array(
         [
-            [answer_id.get(normalise_answer(r["answer"]), -1), int(r["answer_type"].strip().upper() == "CLOSED"), *vocab.encode(r["question"])]
+            [answer_id[normalise_answer(r["answer"])], int(r["answer_type"].strip().upper() == "CLOSED"), *vocab.encode(r["question"])]
             for r in rows
         ],
         dtype=np.int64,

@@ -9,6 +9,10 @@ ranks generate the global model's reports for evaluation in batches, each rank a
 split. :meth:`DecoderGroup.train_step` is the server-side optimisation step (data parallel over the
 ranks) for methods that train on the server.
 
+A method may put a model of its own here instead (``Method.build_server_model``; FedKIM's central
+model): :meth:`DecoderGroup.fit` trains it on the server's own split and :meth:`DecoderGroup.answer`
+runs it on a split, through the model's ``batches``/``batch_loss``/``answer``.
+
 Ranks: RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set per actor and LOCAL_RANK=0 (Ray gives each
 actor its own CUDA_VISIBLE_DEVICES, so a rank's GPU is always device 0); NCCL needs whole GPUs per
 rank (validated in the config). Without a GPU DeepSpeed runs on its CPU accelerator
@@ -82,7 +86,7 @@ class DecoderRank:
         )
         import deepspeed
 
-        model = self.method.build_model(self.cfg.model, self.shards.tasks, self.cfg.seed)
+        model = self.method.build_server_model(self.cfg, self.shards)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=deepspeed_config(self.cfg))
         self.engine.module.synced_generation = self.cfg.server.zero_stage == 3 and self.world_size > 1
@@ -164,6 +168,30 @@ class DecoderRank:
         return float(loss)
 
 
+    def fit(self, epochs: int, round_: int) -> float:
+        """``epochs`` passes over the server's split (data parallel: each rank its share of the
+        batches, the same number on every rank); returns the mean loss."""
+        module = self.engine.module
+        module.train()
+        losses = []
+        for epoch in range(epochs):
+            seed = [self.cfg.seed, round_, epoch]
+            for batch in module.batches(self.shards, "server", self.cfg.clients.batch_size, self.rank, self.world_size, seed):
+                loss = module.batch_loss("server", batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(float(loss.detach()))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    @torch.no_grad()
+    def answer(self, split: str) -> list:
+        """The model's answers on this rank's share of ``split``."""
+        module = self.engine.module
+        module.eval()
+        batches = module.batches(self.shards, split, self.cfg.eval.batch_size, self.rank, self.world_size, None)
+        return [module.answer(split, batch) for batch in batches]
+
+
 class DecoderGroup:
     """The server's DeepSpeed ranks, started together and driven together."""
 
@@ -217,6 +245,16 @@ class DecoderGroup:
     def train_step(self, flag: str, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
         """One server-side step on every rank (data parallel), rank i on batches[i] = (images, labels)."""
         return ray.get([r.train_step.remote(flag, x, y) for r, (x, y) in zip(self.ranks, batches)])
+
+    def fit(self, epochs: int, round_: int) -> float:
+        """Server-side training of a method's own model on the server's split (every rank)."""
+        return float(np.mean(ray.get([r.fit.remote(epochs, round_) for r in self.ranks])))
+
+    def answer(self, split: str) -> list:
+        """A method's own model run on every row of ``split`` (ranks share the batches; repeats dropped)."""
+        parts = sum(ray.get([r.answer.remote(split) for r in self.ranks]), [])
+        unique = {(a.task, a.first_row): a for a in parts}
+        return [unique[key] for key in sorted(unique)]
 
     def close(self) -> None:
         for rank in self.ranks:

@@ -22,6 +22,7 @@ from raymed.data.shards import locate_sources, materialise
 from raymed.engine.runtime import Placement, init_ray, plan_workers
 from raymed.engine.server import ServerActor
 from raymed.errors import DataError, find_user_error
+from raymed.methods import build_method, has_server_model
 from raymed.results.store import RunWriter
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -39,6 +40,7 @@ class Federation:
         d = cfg.data
         files = locate_sources(d)
         shard_dir = materialise(cfg, files)
+        cfg = self.cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
         self.dashboard = init_ray(cfg.ray)
         self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
         # Only now, with data and resources known to be there, does the run get a folder.
@@ -50,8 +52,9 @@ class Federation:
                 "shards": str(shard_dir),
             },
         )
-        # Report generation: the server's resources go to its DeepSpeed decoder ranks, which it starts.
-        own = cfg.data.task != "report"
+        # A server model (report decoder, FedKIM's central model): the server's resources go to its
+        # DeepSpeed ranks, which it starts.
+        own = not has_server_model(cfg)
         options: dict[str, Any] = {
             "name": f"{self.name}.server",
             "num_cpus": cfg.server.num_cpus if own else 0,

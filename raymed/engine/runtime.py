@@ -124,10 +124,12 @@ def trial_workers(cfg: ExperimentConfig) -> int:
 
 
 def server_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
-    """What the server side asks for: its actor, or for report generation one bundle per DeepSpeed
-    rank (the server's CPUs and GPUs split evenly); none when it asks for no resources."""
+    """What the server side asks for: its actor, or with a server model (report generation, FedKIM)
+    one bundle per DeepSpeed rank (the server's CPUs and GPUs split evenly); none when it asks for none."""
+    from raymed.methods import has_server_model
+
     s = cfg.server
-    ranks = s.ranks if cfg.data.task == "report" else 1
+    ranks = s.ranks if has_server_model(cfg) else 1
     bundle = _bundle(s.num_cpus / ranks, s.num_gpus / ranks)
     return [dict(bundle) for _ in range(ranks)] if bundle else []
 

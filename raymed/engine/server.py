@@ -30,7 +30,7 @@ from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, float_state, frozen_state
 from raymed.errors import ClientFailure, ResourceError
-from raymed.methods import ServerState, WeightedMean, build_method
+from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
@@ -80,9 +80,11 @@ class ServerActor:
         # One copy in the object store, mapped by every worker of a node; held here for the run's life.
         self.frozen_ref = ray.put(frozen) if frozen else None
         del model
-        # Report generation: the master decoder lives in DeepSpeed ranks, which generate the global reports.
+        # A server model in DeepSpeed ranks: the report decoder (the ranks generate the global
+        # reports), or a method's own (FedKIM's central model).
         self.decoder = None
-        if any(t.kind == "report" for t in self.shards.tasks.values()):
+        self.reports = any(t.kind == "report" for t in self.shards.tasks.values())
+        if has_server_model(self.cfg):
             from raymed.engine.decoder import DecoderGroup
 
             self.decoder = DecoderGroup(self.cfg, shard_dir, run_name, placement)
@@ -162,6 +164,8 @@ class ServerActor:
             raise ClientFailure(f"round {r}: every client update was rejected ({reasons}); lower clients.lr or check the data")
         self.state = self.method.aggregate(self.state, merged)
         self.state.round = r
+        if self.decoder is not None:
+            self.state = self.method.server_update(self.state, self.decoder, r)
         train_s = time.perf_counter() - start  # sampling -> aggregated model, evaluation excluded
 
         accepted = [x for x in records if x["rejected"] is None]
@@ -181,6 +185,8 @@ class ServerActor:
         if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             eval_start = time.perf_counter()
             metrics.update(self.evaluate_global())
+            if self.decoder is not None:
+                metrics.update(self.method.evaluate_server_model(self.decoder))
             if self.cfg.eval.personalised:
                 personal_metrics, evaluation = self.evaluate_personalised(r)
                 metrics.update(personal_metrics)
@@ -195,7 +201,7 @@ class ServerActor:
         weights = self.method.eval_weights(self.state)
         if weights is None:
             return {}
-        if self.decoder is not None:  # the DeepSpeed ranks hold the master model and generate
+        if self.reports:  # the DeepSpeed ranks hold the master report model and generate
             self.decoder.load(weights)
             sizes = {flag: len(self.shards.test(flag)) for flag in self.shards.tasks}
             parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)

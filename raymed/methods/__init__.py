@@ -11,12 +11,18 @@ from raymed.methods.base import (
     local_sgd,
     register_method,
 )
-from raymed.methods import fedavg, fedmrg, fedper, fedprox, omnifm  # noqa: E402,F401  (registers the methods)
+from raymed.methods import fedavg, fedkim, fedmrg, fedper, fedprox, omnifm  # noqa: E402,F401  (registers the methods)
 
 
 def build_method(name: str, params: dict) -> Method:
     cls = METHODS[name]
     return cls(cls.Params.model_validate(params))
+
+
+def has_server_model(cfg) -> bool:
+    """Whether the server holds a model in DeepSpeed ranks: the report decoder, or a method's own
+    server-side model (FedKIM's central model)."""
+    return cfg.data.task == "report" or METHODS[cfg.strategy.name].uses_server_model
 
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "WeightedMean",
     "Weights",
     "build_method",
+    "has_server_model",
     "local_sgd",
     "register_method",
 ]

@@ -254,6 +254,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
+    mixes_dimensions: ClassVar[bool] = False  # True: the model has an encoder per input kind (2D and 3D together)
+    uses_server_model: ClassVar[bool] = False  # True: the server trains a model of its own (DeepSpeed ranks)
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
@@ -270,6 +272,15 @@ class Method(ABC):
 
             return build_report_model(cfg, tasks, seed)
         return build_model(cfg.name, tasks, seed)
+
+    def prepare(self, cfg: ExperimentConfig, shard_dir: str) -> ExperimentConfig:
+        """Build what the run needs once, before any actor starts (FedKIM: the central model's
+        tokenizer and language model); returns the resolved config that is saved with the results."""
+        return cfg
+
+    def build_server_model(self, cfg: ExperimentConfig, shards: Any) -> torch.nn.Module:
+        """The model the server's DeepSpeed ranks hold: the report model, or a method's own."""
+        return self.build_model(cfg.model, shards.tasks, cfg.seed)
 
     # ---- server half
 
@@ -291,6 +302,15 @@ class Method(ABC):
     def eval_weights(self, state: ServerState) -> Weights | None:
         """Weights of the global model to test on each dataset's test split (None: there is none)."""
         return state.weights
+
+    def server_update(self, state: ServerState, server: Any, round_: int) -> ServerState:
+        """After aggregation, for methods with a server model (``server`` is the engine's
+        :class:`~raymed.engine.decoder.DecoderGroup`): e.g. FedKIM's injection and central training."""
+        return state
+
+    def evaluate_server_model(self, server: Any) -> dict[str, float]:
+        """Metrics of the server's own model, when the method has one (FedKIM's central model)."""
+        return {}
 
     # ---- client half
 

@@ -25,19 +25,22 @@ class FedProxParams(FedAvgParams):
     mu: float = Field(0.01, ge=0, description="μ, weight of the proximal term (μ/2)·‖w − w_t‖²")
 
 
+def proximal_penalty(payload: Weights, mu: float, device: torch.device) -> Penalty | None:
+    """(μ/2)·‖w − w_t‖² over the trained parameters that came down, as a function of them (None: μ = 0)."""
+    if mu == 0:
+        return None
+    anchor = {k: torch.as_tensor(v).to(device) for k, v in payload.items()}
+
+    def proximal_term(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * mu * sum((p - anchor[k]).pow(2).sum() for k, p in params.items() if k in anchor)
+
+    return proximal_term
+
+
 @register_method
 class FedProx(FedAvg):
     name = "fedprox"
     Params = FedProxParams
 
     def local_penalty(self, payload: Weights, device: torch.device) -> Penalty | None:
-        """(μ/2)·‖w − w_t‖² over the trained parameters that came down, as a function of them."""
-        if self.params.mu == 0:
-            return None
-        anchor = {k: torch.as_tensor(v).to(device) for k, v in payload.items()}
-        mu = self.params.mu
-
-        def proximal_term(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return 0.5 * mu * sum((p - anchor[k]).pow(2).sum() for k, p in params.items() if k in anchor)
-
-        return proximal_term
+        return proximal_penalty(payload, self.params.mu, device)

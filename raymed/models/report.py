@@ -232,8 +232,11 @@ def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
     return resolved
 
 
-def _pretrain(texts: list[str], out: Path, d: DecoderConfig, report_len: int, seed: int, batch_size: int = 32) -> None:
-    """Next-token pretraining of a GPT-2 of the configured size (AdamW), saved with its tokenizer."""
+def _pretrain(
+    texts: list[str], out: Path, d: DecoderConfig, report_len: int, seed: int, extra: list[str] = (), context: int | None = None, batch_size: int = 32
+) -> None:
+    """Next-token pretraining of a GPT-2 of the configured size (AdamW) for ``d.pretrain_epochs``
+    epochs (0: saved as initialised), saved with its tokenizer (which also knows the words of ``extra``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from raymed.data import reports
@@ -241,16 +244,16 @@ def _pretrain(texts: list[str], out: Path, d: DecoderConfig, report_len: int, se
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     prompts = [p for flag in reports.REPORT_DATASETS for p in reports.prompt_texts(flag)]
-    tokenizer = reports.train_tokenizer(texts, tmp, prompts)
+    tokenizer = reports.train_tokenizer(texts, tmp, [*prompts, *extra])
     pad, bos, eos = reports.special_ids(tokenizer)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=d.prefix_tokens + 16 + report_len, n_embd=d.width, n_layer=d.layers, n_head=d.heads,
+        vocab_size=len(tokenizer), n_positions=max(context or 0, d.prefix_tokens + 16 + report_len), n_embd=d.width, n_layer=d.layers, n_head=d.heads,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
-        ids = torch.as_tensor(reports.encode(tokenizer, texts, report_len))
+        ids = torch.as_tensor(reports.encode(tokenizer, texts, report_len)) if texts else torch.zeros(0, report_len, dtype=torch.long)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model.train()
         for _ in range(d.pretrain_epochs):
