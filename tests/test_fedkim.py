@@ -17,7 +17,11 @@ from raymed.errors import ConfigError
 from raymed.methods import ClientContext, build_method
 from raymed.methods.base import ServerState
 from raymed.models.knowledge import M3OEGate, MoELoRA
-from tests.conftest import small_config
+from tests.conftest import _real_dir, small_config
+
+needs_3d = pytest.mark.skipif(
+    _real_dir() is None or not (_real_dir() / "adrenalmnist3d.npz").is_file(), reason="the real MedMNIST files (with adrenalmnist3d) are not here"
+)
 
 TINY_LM = [
     "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.layers=1", "model.decoder.prefix_tokens=4",
@@ -28,8 +32,6 @@ TINY_LM = [
 @pytest.fixture
 def kim_config(data_dir, tmp_path):
     """A 2D + 3D federation (chest X-ray and adrenal CT volumes) with a server split."""
-    if not (Path(data_dir) / "adrenalmnist3d.npz").is_file():
-        pytest.skip("adrenalmnist3d.npz is not among the MedMNIST files")
 
     def make(*overrides: str):
         return small_config(
@@ -89,9 +91,8 @@ def test_answer_metrics():
 # Data and config
 
 
-def test_server_split_and_held_out_data(kim_config, data_dir):
-    if not (Path(data_dir) / "breastmnist.npz").is_file():
-        pytest.skip("breastmnist.npz missing")
+@needs_3d
+def test_server_split_and_held_out_data(kim_config):
     cfg = kim_config("data.held_out=[breastmnist]")
     shards = ShardSet(materialise(cfg))
     for flag in ("pneumoniamnist", "adrenalmnist3d"):
@@ -124,6 +125,7 @@ def test_fedkim_config_refusals(data_dir, tmp_path):
 # The central model on DeepSpeed ranks
 
 
+@needs_3d
 def test_task_sentence_alone_changes_the_gate(kim_config):
     cfg = kim_config()
     shard_dir = materialise(cfg)
@@ -141,6 +143,7 @@ def test_task_sentence_alone_changes_the_gate(kim_config):
     torch.testing.assert_close(same_task[0], gates[trained])  # and with it, the gate is the trained task's
 
 
+@needs_3d
 def test_injection_loads_the_fedavg_of_client_encoders_and_the_lm_stays_frozen(ray_session, kim_config):
     from raymed.engine.decoder import DecoderGroup
 
@@ -197,6 +200,7 @@ def test_injection_loads_the_fedavg_of_client_encoders_and_the_lm_stays_frozen(r
         group.close()
 
 
+@needs_3d
 @pytest.mark.slow
 def test_fedkim_runs_through_the_engine(kim_config, tmp_path):
     from raymed.engine.federation import run_experiment
@@ -215,6 +219,7 @@ def test_fedkim_runs_through_the_engine(kim_config, tmp_path):
     assert Path(saved["model"]["decoder"]["checkpoint"]).is_dir()  # the resolved config names the central LM
 
 
+@needs_3d
 def test_central_model_on_two_zero3_ranks_trains_and_answers_every_test_row(ray_session, kim_config):
     from raymed.engine.decoder import DecoderGroup
 

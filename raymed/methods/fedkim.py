@@ -80,6 +80,7 @@ class FedKIM(Method):
     Params = FedKIMParams
     mixes_dimensions = True  # an encoder per input kind: 2D and 3D datasets in one federation
     uses_server_model = True
+    central_loss = float("nan")  # the central model's mean training loss in the last round (reported with the scores)
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         from raymed.data.instructions import CATALOGUE
@@ -166,7 +167,7 @@ class FedKIM(Method):
         by_task: dict[str, list] = {}
         for part in server.answer("test"):
             by_task.setdefault(part.task, []).append(part)
-        out: dict[str, float] = {"central/train_loss": getattr(self, "central_loss", float("nan"))}
+        out: dict[str, float] = {"central/train_loss": self.central_loss}
         accuracy: dict[bool, list[float]] = {False: [], True: []}
         for name, parts in by_task.items():
             scores = answer_metrics(
