@@ -17,7 +17,7 @@ ROUGE-1 F (``rouge-score``) over the open questions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +69,8 @@ def tasks_of(shards: ShardSet) -> list[InstructionTask]:
     """The central model's tasks for a shard set: trained ones, then held-out ones (same order everywhere)."""
     trained = [CATALOGUE[flag] for flag in shards.tasks]
     new_sentences = [NEW_SENTENCES[flag] for flag in shards.tasks if flag in NEW_SENTENCES]
-    new_modalities = [_held_out(CATALOGUE[flag]) for flag in shards.held_out_tasks]
+    new_modalities = [replace(CATALOGUE[flag], held_out=True) for flag in shards.held_out_tasks]
     return trained + new_sentences + new_modalities
-
-
-def _held_out(task: InstructionTask) -> InstructionTask:
-    from dataclasses import replace
-
-    return replace(task, held_out=True)
 
 
 def strings(task: InstructionTask) -> list[str]:

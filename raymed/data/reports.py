@@ -112,7 +112,7 @@ def corpus_fingerprint(root: str | None) -> str:
 
 
 def clean(text: str) -> str:
-    """One line of report text, IU X-Ray's de-identification marks ("XXXX") removed."""
+    """One line of report text, IU X-Ray's de-identification marks (runs of capital X) removed."""
     text = re.sub(r"\bX{2,}\b", " ", text)
     text = re.sub(r"\s+([.,;:])", r"\1", text)
     return " ".join(text.split())

@@ -238,7 +238,7 @@ class CentralModel(nn.Module):
 
     # ---- data
 
-    def prepare(self, shards, split: str) -> None:
+    def tokenise(self, shards, split: str) -> None:
         """Tokenise every task's rows of ``split`` once (``server``: trained tasks; ``test``: all)."""
         if split in self._data:
             return
@@ -260,7 +260,7 @@ class CentralModel(nn.Module):
         same ones). With a seed (training): shuffled rows and steps; a task's last step is dropped when
         it cannot give every rank a batch. Without (answering): every row in order, a task's last step
         filled by repeating its last batch (drop repeats by (task, first row))."""
-        self.prepare(shards, split)
+        self.tokenise(shards, split)
         rng = np.random.default_rng(seed) if seed is not None else None
         steps: list[list[Batch]] = []
         for t, (ex, _, _) in enumerate(self._data[split]):
