@@ -31,16 +31,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime
-from pathlib import Path
 
-from raymed.config import load_config
 from raymed.data.instructions import CATALOGUE, NEW_SENTENCES
-from raymed.engine import run_experiment
-from raymed.results import read_run
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, sources_md5, torch_cuda  # benchmarks/tables.py
+from tables import agg, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 CONFIG = "fedkim"
 SECTIONS = ("main",)
@@ -54,30 +49,17 @@ CLOSED_METRICS = ("acc", "f1", "mcc")
 OPEN_METRICS = ("bleu1", "rouge1")
 
 
-class Bench:
+class Bench(PaperBench):
+    config = CONFIG
+    runs_folder = "fedkim_runs"
+    quick = tuple(QUICK)
+
     def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.out = Path(args.out)
-        self.rounds = 1 if args.quick else args.rounds
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        self.seeds = seeds[:1] if args.quick else seeds
-        self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / 'fedkim_runs'}"]
-        self.tail = [*(QUICK if args.quick else []), *args.overrides]
-        self.runs: list[dict] = []
-        self.tables: dict[str, dict] = {}
+        super().__init__(args)
         self.held_out: set[str] = set()  # names of the held-out tasks
-        self.synthetic = False
-        self.sources = sources_md5()
 
     def run_one(self, key: str, label: str, overrides: list[str]) -> dict:
-        cfg = load_config(CONFIG, [*self.common, *overrides, *self.tail])
-        start = time.time()
-        run = read_run(run_experiment(cfg))
-        wall = time.time() - start
-        if run["meta"]["synthetic"]:
-            if not self.args.allow_synthetic:
-                sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
-            self.synthetic = True
+        cfg, run, wall = self.federation(overrides)
         self.held_out |= {t.name for t in NEW_SENTENCES.values()} | {CATALOGUE[f].name for f in cfg.data.held_out}
         final = {k: number(v) for k, v in final_metrics(run).items() if number(v) is not None}
         central = {k.removeprefix("central/"): v for k, v in final.items() if k.startswith("central/")}
@@ -99,28 +81,21 @@ class Bench:
         for group, title in ((False, "Trained tasks"), (True, "Held-out tasks (zero-shot)")):
             tasks = [n for n in names if (n in held_out) == group]
             header = ["task", "metric", *(label for _, label, _ in ROWS)]
-            rows, cells = [], []
+            rows = []
             for task in tasks:
                 metrics = list(CLOSED_METRICS) + [m for m in OPEN_METRICS if any(f"{task}/{m}" in r["central"] for r in self.runs)]
-                for metric in metrics:
-                    row = {"task": task, "metric": metric, **{key: values(by_row[key], f"{task}/{metric}") for key, _, _ in ROWS}}
-                    rows.append(row)
-                    cells.append([task, metric, *(mean_std(row[key], 3) for key, _, _ in ROWS)])
-            self.add_table("trained" if not group else "held_out", title, header, rows, cells)
+                rows += [{"task": task, "metric": m, **{key: values(by_row[key], f"{task}/{m}") for key, _, _ in ROWS}} for m in metrics]
+            self.add_table("trained" if not group else "held_out", title, header, rows,
+                           lambda r: [r["task"], r["metric"], *(mean_std(r[key], 3) for key, _, _ in ROWS)])
         summary = [{"group": g, **{key: values(by_row[key], f"{g}/acc") for key, _, _ in ROWS}} for g in ("trained", "held_out")]
         summary.append({"group": "clients' FedAvg models (global/mean/acc)", **{key: agg([r["clients_global_acc"] for r in by_row[key]]) for key, _, _ in ROWS}})
         summary.append({"group": "wall s per run", **{key: agg([r["wall_s"] for r in by_row[key]]) for key, _, _ in ROWS}})
         self.add_table("summary", "Mean accuracy over tasks", ["group", *(label for _, label, _ in ROWS)], summary,
-                       [[s["group"], *(mean_std(s[key], 3 if "wall" not in s["group"] else 0) for key, _, _ in ROWS)] for s in summary])
-
-    def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells: list[list[str]]) -> None:
-        text = f"### {title}\n\n" + md_table(header, cells)
-        self.tables[name] = {"title": title, "rows": rows, "markdown": text}
-        print("\n" + text, flush=True)
+                       lambda s: [s["group"], *(mean_std(s[key], 3 if "wall" not in s["group"] else 0) for key, _, _ in ROWS)])
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        changed = sources_md5() != self.sources
+        changed = self.sources_changed()
         settings = {"config": CONFIG, "rounds": self.rounds, "seeds": self.seeds, "quick": self.args.quick, "set": self.args.overrides,
                     "commit": git_commit(), "cpu_cores": os.cpu_count(), "gpu": torch_cuda(), "synthetic": self.synthetic,
                     "raymed_sources_md5": self.sources, "sources_changed_during_run": changed}

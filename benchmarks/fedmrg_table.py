@@ -42,18 +42,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 
-import raymed
-from raymed.config import load_config
-from raymed.engine import run_experiment
-from raymed.results import read_run
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, sources_md5, torch_cuda  # benchmarks/tables.py
+from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 CONFIG = "fedmrg"
 FLAG = "pneumoniamnist"
@@ -83,30 +77,17 @@ METRICS = {
 HEADER = ["method", "BLEU-4", "ROUGE-L", "CIDEr", "clinical F1", "personal BLEU-4", "personal clinical F1", "KB up / client / round", "wall s"]
 
 
-class Bench:
+class Bench(PaperBench):
+    config = CONFIG
+    runs_folder = "fedmrg_runs"
+    quick = tuple(QUICK)
+
     def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.out = Path(args.out)
-        self.rounds = 1 if args.quick else args.rounds
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        self.seeds = seeds[:1] if args.quick else seeds
-        self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / 'fedmrg_runs'}"]
-        self.tail = [*(QUICK if args.quick else []), *args.overrides]  # after a row's own overrides
-        self.runs: list[dict] = []
-        self.tables: dict[str, dict] = {}
+        super().__init__(args)
         self.reduction: dict | None = None
-        self.synthetic = False
-        self.sources = sources_md5()  # a shared working tree may be edited while the benchmark runs
 
     def run_one(self, section: str, key: str, label: str, overrides: list[str]) -> dict:
-        cfg = load_config(CONFIG, [*self.common, *overrides, *self.tail])
-        start = time.time()
-        run = read_run(run_experiment(cfg))
-        wall = time.time() - start
-        if run["meta"]["synthetic"]:
-            if not self.args.allow_synthetic:
-                sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
-            self.synthetic = True
+        cfg, run, wall = self.federation(overrides)
         final = final_metrics(run)
         metrics = {name: number(final.get(column)) for name, column in METRICS.items()}
         df = run["rounds"]
@@ -146,17 +127,11 @@ class Bench:
         return {"row": key, "label": label, "overrides": override, **{m: agg([r["metrics"].get(m) for r in runs]) for m in names},
                 "wall_s": agg([r["wall_s"] for r in runs]), "rejected_updates": sum(r["rejected_updates"] for r in runs)}
 
-    def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells, note: str = "") -> None:
-        """``rows``: aggregated rows (kept in the JSON); ``cells(row)``: the row's markdown cells."""
-        text = f"### {title}\n\n" + md_table(header, [cells(r) for r in rows]) + (f"\n{note}\n" if note else "")
-        self.tables[name] = {"title": title, "rows": rows, "markdown": text}
-        print("\n" + text, flush=True)
-
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         clients = ", ".join(f"{s} {n}" for s, n in {r["section"]: r["clients"] for r in self.runs}.items())
         gpu = "GPU" if torch_cuda() else "no GPU"
-        changed = sources_md5() != self.sources
+        changed = self.sources_changed()
         settings = {"config": CONFIG, "rounds": self.rounds, "seeds": self.seeds, "quick": self.args.quick, "set": self.args.overrides,
                     "commit": git_commit(), "clients": clients, "cpu_cores": os.cpu_count(), "gpu": torch_cuda(),
                     "synthetic": self.synthetic, "semi_synthetic_data": True,
@@ -245,10 +220,6 @@ def verdict(ok: bool | None) -> str:
 
 def pct(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}%"
-
-
-def fmt(v: float | None, digits: int = 3) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> int:

@@ -25,22 +25,16 @@ BreaKHis for super-resolution, ...): only the ordering of the methods is compara
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 
-import raymed  # noqa: F401
 from raymed.config import load_config
-from raymed.engine import run_experiment
-from raymed.results import read_run
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, md_table, mean_std, number, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
+from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "vqa")
 QUICK = ["clients.num=6", "data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
@@ -58,28 +52,13 @@ ABLATIONS = [
 ]
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.out = Path(args.out)
-        self.rounds = 1 if args.quick else args.rounds
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        self.seeds = seeds[:1] if args.quick else seeds
-        self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / 'omnifm_runs'}"]
-        self.tail = [*(QUICK if args.quick else []), *args.overrides]  # after a section's own overrides
-        self.runs: list[dict] = []
-        self.tables: dict[str, dict] = {}
-        self.synthetic = False
+class Bench(PaperBench):
+    config = None
+    runs_folder = "omnifm_runs"
+    quick = tuple(QUICK)
 
     def run_one(self, section: str, overrides: list[str]) -> dict:
-        cfg = load_config(None, [*self.common, *overrides, *self.tail])
-        start = time.time()
-        run = read_run(run_experiment(cfg))
-        wall = time.time() - start
-        if run["meta"]["synthetic"]:
-            if not self.args.allow_synthetic:
-                sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
-            self.synthetic = True
+        cfg, run, wall = self.federation(overrides)
         final = final_metrics(run)
         flags = cfg.data.datasets
         pct = lambda v: None if v is None else 100 * v  # noqa: E731
@@ -119,12 +98,6 @@ class Bench:
             for seed in (seeds or self.seeds)
         ]
 
-    def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells, note: str = "") -> None:
-        """``rows``: aggregated rows (kept in the JSON); ``cells(row)``: the row's markdown cells."""
-        text = f"### {title}\n\n" + md_table(header, [cells(r) for r in rows]) + (f"\n{note}\n" if note else "")
-        self.tables[name] = {"title": title, "rows": rows, "markdown": text}
-        print("\n" + text, flush=True)
-
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         clients = ", ".join(f"{s} {n}" for s, n in {r["section"]: r["clients"] for r in self.runs}.items())
@@ -155,7 +128,7 @@ class Bench:
             ["method", "acc @20%", "acc @100%", "macro-F1 @20%", "macro-F1 @100%", "paper acc @20%", "paper acc @100%", "paper macro-F1"],
             rows,
             lambda r: [NAMES[r["method"]], mean_std(r["acc@0.2"]), mean_std(r["acc@1.0"]), mean_std(r["macro_f1@0.2"], 3),
-                       mean_std(r["macro_f1@1.0"], 3), paper(r["paper_acc@0.2"]), paper(r["paper_acc@1.0"]), paper(r["paper_macro_f1"], 3)],
+                       mean_std(r["macro_f1@1.0"], 3), fmt(r["paper_acc@0.2"], 2), fmt(r["paper_acc@1.0"], 2), fmt(r["paper_macro_f1"], 3)],
         )
 
     def ablation(self) -> None:
@@ -188,7 +161,7 @@ class Bench:
                     "bicubic: on each dataset's official test split, mean over datasets.")
             if scale == 2:
                 self.add_table("superres_x2", "Super-resolution ×2", ["method", "PSNR ×2 (dB)", "SSIM ×2", "paper PSNR"], rows,
-                               lambda r: [label(r), mean_std(r["psnr"]), mean_std(r["ssim"], 4), paper(r["paper_psnr"])], note)
+                               lambda r: [label(r), mean_std(r["psnr"]), mean_std(r["ssim"], 4), fmt(r["paper_psnr"], 2)], note)
             else:
                 self.add_table("superres_x4", f"Super-resolution ×4 (seed {seeds[0]} only)", ["method", "PSNR ×4 (dB)", "SSIM ×4"], rows,
                                lambda r: [label(r), mean_std(r["psnr"]), mean_std(r["ssim"], 4)], note)
@@ -220,7 +193,7 @@ class Bench:
         self.add_table(
             "vqa", "VQA-RAD (organ split, 6 clients, fraction 1.0): personalised accuracy (%)",
             ["method", "overall acc", "closed acc", "open acc", "paper acc"], rows,
-            lambda r: [NAMES[r["method"]], mean_std(r["acc"]), mean_std(r["acc_closed"]), mean_std(r["acc_open"]), paper(r["paper_acc"])],
+            lambda r: [NAMES[r["method"]], mean_std(r["acc"]), mean_std(r["acc_closed"]), mean_std(r["acc_open"]), fmt(r["paper_acc"], 2)],
             "Overall: client mean. Closed / open: plain mean over the three organs' held-out rows (not pooled by size; "
             "an organ with no held-out question of that type is left out).",
         )
@@ -229,10 +202,6 @@ class Bench:
 def flag_mean(final: dict, flags: list[str], metric: str) -> float | None:
     values = [v for f in flags if (v := number(final.get(f"personal/{f}/{metric}"))) is not None]
     return float(np.mean(values)) if values else None
-
-
-def paper(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> int:

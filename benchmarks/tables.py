@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import math
 import subprocess
 import time
@@ -32,6 +33,11 @@ def mean_std(values: dict | list, digits: int = 2) -> str:
     if a["mean"] is None:
         return "—"
     return f"{a['mean']:.{digits}f}" + ("" if a["std"] is None else f" ± {a['std']:.{digits}f}")
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    """A number, or '—' when there is none."""
+    return "—" if v is None else f"{v:.{digits}f}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -93,3 +99,53 @@ def run_sections(bench, sections: tuple[str, ...], only: list[str], name: str) -
             getattr(bench, section)()
             bench.save()
     print(f"\n{len(bench.runs)} runs in {time.time() - start:.0f}s; wrote {bench.out / f'{name}.json'} and {bench.out / f'{name}.md'}")
+
+
+class PaperBench:
+    """What the paper-table benchmarks share: the run settings from :func:`parse_args`, one federation
+    run (refusing synthetic stand-ins unless allowed), and the tables kept for the JSON and markdown.
+    Subclasses set ``config`` (an embedded experiment or None for the default), ``runs_folder`` and
+    ``quick`` (the overrides of ``--quick``)."""
+
+    config: str | None = None
+    runs_folder: str = "runs"
+    quick: tuple[str, ...] = ()
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.rounds = 1 if args.quick else args.rounds
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        self.seeds = seeds[:1] if args.quick else seeds
+        self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / self.runs_folder}"]
+        self.tail = [*(self.quick if args.quick else []), *args.overrides]  # after a row's own overrides
+        self.runs: list[dict] = []
+        self.tables: dict[str, dict] = {}
+        self.synthetic = False
+        self.sources = sources_md5()  # a shared working tree may be edited while the benchmark runs
+
+    def federation(self, overrides: list[str]):
+        """Run one federation of ``config`` with ``overrides``: (its config, its run as read back, wall seconds)."""
+        from raymed.config import load_config
+        from raymed.engine import run_experiment
+        from raymed.results import read_run
+
+        cfg = load_config(self.config, [*self.common, *overrides, *self.tail])
+        start = time.time()
+        run = read_run(run_experiment(cfg))
+        wall = time.time() - start
+        if run["meta"]["synthetic"]:
+            if not self.args.allow_synthetic:
+                sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
+            self.synthetic = True
+        return cfg, run, wall
+
+    def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells, note: str = "") -> None:
+        """``rows``: aggregated rows (kept in the JSON); ``cells(row)``: the row's markdown cells."""
+        text = f"### {title}\n\n" + md_table(header, [cells(r) for r in rows]) + (f"\n{note}\n" if note else "")
+        self.tables[name] = {"title": title, "rows": rows, "markdown": text}
+        print("\n" + text, flush=True)
+
+    def sources_changed(self) -> bool:
+        return sources_md5() != self.sources
+

@@ -109,7 +109,7 @@ class FedKIM(Method):
         from raymed.data import reports
         from raymed.data.instructions import examples, strings, tasks_of
         from raymed.data.shards import ShardSet
-        from raymed.models.report import _pretrain
+        from raymed.models.report import pretrain_lm
 
         d, p = cfg.model.decoder, self.params
         if d.checkpoint:
@@ -129,7 +129,7 @@ class FedKIM(Method):
         identity = [1, sorted(set(vocabulary)), source, d.layers, d.width, d.heads, d.pretrain_epochs, cfg.data.report_len, context, cfg.seed]
         out = Path(shard_dir).parent / f"central-lm-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}"
         if not (out / "config.json").is_file():
-            _pretrain(texts, out, d, cfg.data.report_len, cfg.seed, extra=vocabulary, context=context)
+            pretrain_lm(texts, out, d, cfg.data.report_len, cfg.seed, extra=vocabulary, context=context)
         resolved = cfg.model_copy(deep=True)
         resolved.model.decoder.checkpoint = str(out.resolve())
         return resolved

@@ -225,14 +225,14 @@ def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
     identity = [1, reports.md5(source), d.layers, d.width, d.heads, d.prefix_tokens, cfg.data.report_len, d.pretrain_epochs, cfg.seed]
     out = (default_cache_dir(cfg) / f"decoder-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}").resolve()
     if not (out / "config.json").is_file():
-        _pretrain(texts, out, d, cfg.data.report_len, cfg.seed)
+        pretrain_lm(texts, out, d, cfg.data.report_len, cfg.seed)
     resolved = cfg.model_copy(deep=True)
     resolved.model.decoder.checkpoint = str(out)
     resolved.data.report_tokenizer = str(out)
     return resolved
 
 
-def _pretrain(
+def pretrain_lm(
     texts: list[str], out: Path, d: DecoderConfig, report_len: int, seed: int, extra: list[str] = (), context: int | None = None, batch_size: int = 32
 ) -> None:
     """Next-token pretraining of a GPT-2 of the configured size (AdamW) for ``d.pretrain_epochs``
