@@ -28,14 +28,11 @@ rows, the settings) and ``fedkim_table.md`` under ``--out``; run folders go to `
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from datetime import datetime
 
 from raymed.data.instructions import CATALOGUE, NEW_SENTENCES
 from raymed.results.report import final_metrics
-from tables import agg, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
+from tables import agg, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 CONFIG = "fedkim"
 SECTIONS = ("main",)
@@ -51,6 +48,9 @@ OPEN_METRICS = ("bleu1", "rouge1")
 
 class Bench(PaperBench):
     config = CONFIG
+    result = "fedkim_table"
+    title = "FedKIM central model on raymed"
+    note = "Central model's greedy answers on each task's test split; mean ± std over seeds."
     runs_folder = "fedkim_runs"
     quick = tuple(QUICK)
 
@@ -92,23 +92,6 @@ class Bench(PaperBench):
         summary.append({"group": "wall s per run", **{key: agg([r["wall_s"] for r in by_row[key]]) for key, _, _ in ROWS}})
         self.add_table("summary", "Mean accuracy over tasks", ["group", *(label for _, label, _ in ROWS)], summary,
                        lambda s: [s["group"], *(mean_std(s[key], 3 if "wall" not in s["group"] else 0) for key, _, _ in ROWS)])
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        changed = self.sources_changed()
-        settings = {"config": CONFIG, "rounds": self.rounds, "seeds": self.seeds, "quick": self.args.quick, "set": self.args.overrides,
-                    "commit": git_commit(), "cpu_cores": os.cpu_count(), "gpu": torch_cuda(), "synthetic": self.synthetic,
-                    "raymed_sources_md5": self.sources, "sources_changed_during_run": changed}
-        result = {"date": datetime.now().isoformat(timespec="seconds"), "settings": settings,
-                  "tables": {k: {"title": t["title"], "rows": t["rows"]} for k, t in self.tables.items()}, "runs": self.runs}
-        (self.out / "fedkim_table.json").write_text(json.dumps(result, indent=1, default=str))
-        head = (f"# FedKIM central model on raymed ({result['date']}, commit {settings['commit']})\n\n"
-                f"config `{CONFIG}`, rounds {self.rounds}, seeds {','.join(map(str, self.seeds))}, "
-                f"machine: {os.cpu_count()} CPU cores, {'GPU' if torch_cuda() else 'no GPU'}{', --quick' if self.args.quick else ''}"
-                f"{', SYNTHETIC DATA: not real results' if self.synthetic else ''}"
-                f"{', RAYMED SOURCES CHANGED DURING THE BENCHMARK: runs used different code' if changed else ''}. "
-                "Central model's greedy answers on each task's test split; mean ± std over seeds.\n")
-        (self.out / "fedkim_table.md").write_text(head + "".join("\n" + t["markdown"] for t in self.tables.values()))
 
 
 def main() -> int:

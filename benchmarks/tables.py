@@ -110,6 +110,9 @@ class PaperBench:
     config: str | None = None
     runs_folder: str = "runs"
     quick: tuple[str, ...] = ()
+    result: str = ""  # <out>/<result>.json and .md (subclasses using the default save)
+    title: str = ""
+    note: str = ""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -149,3 +152,28 @@ class PaperBench:
     def sources_changed(self) -> bool:
         return sources_md5() != self.sources
 
+
+    def save(self) -> None:
+        self.write(self.result, self.title, self.note)
+
+    def write(self, name: str, title: str, note: str, **settings) -> None:
+        """``<out>/<name>.json`` (settings, tables, runs) and ``<name>.md`` (a header, then the tables);
+        ``settings`` adds to the shared ones (config, rounds, seeds, commit, machine, data, sources)."""
+        import json
+        import os
+        from datetime import datetime
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        changed = self.sources_changed()
+        settings = {"config": self.config, "rounds": self.rounds, "seeds": self.seeds, "quick": self.args.quick, "set": self.args.overrides,
+                    "commit": git_commit(), "cpu_cores": os.cpu_count(), "gpu": torch_cuda(), "synthetic": self.synthetic,
+                    "raymed_sources_md5": self.sources, "sources_changed_during_run": changed, **settings}
+        result = {"date": datetime.now().isoformat(timespec="seconds"), "settings": settings,
+                  "tables": {k: {"title": t["title"], "rows": t["rows"]} for k, t in self.tables.items()}, "runs": self.runs}
+        (self.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        head = (f"# {title} ({result['date']}, commit {settings['commit']})\n\n"
+                f"config `{self.config}`, rounds {self.rounds}, seeds {','.join(map(str, self.seeds))}, "
+                f"machine: {os.cpu_count()} CPU cores, {'GPU' if torch_cuda() else 'no GPU'}{', --quick' if self.args.quick else ''}"
+                f"{', SYNTHETIC DATA: not real results' if self.synthetic else ''}"
+                f"{', RAYMED SOURCES CHANGED DURING THE BENCHMARK: runs used different code' if changed else ''}. {note}\n")
+        (self.out / f"{name}.md").write_text(head + "".join("\n" + t["markdown"] for t in self.tables.values()))

@@ -56,6 +56,9 @@ class DataConfig(Section):
     # Datasets only tested on (their test split is stored, no client or server row): zero-shot
     # evaluation of a held-out modality.
     held_out: list[str] = Field(default_factory=list)
+    # Ordinal datasets whose grade is read as a discrete time to event (MAFM3's prognosis task): a
+    # hazard per grade, the logistic-hazard survival loss, and the C-index among the metrics.
+    prognosis: list[str] = Field(default_factory=list)
 
     @field_validator("datasets", "held_out")
     @classmethod
@@ -98,6 +101,15 @@ class DataConfig(Section):
             raise ValueError(f"held_out lists {', '.join(sorted(set(self.held_out) & set(self.datasets)))}, which data.datasets trains on")
         if self.held_out and self.task != "classification":
             raise ValueError("held_out datasets are for classification/question-answering runs")
+        from medmnist import INFO
+
+        for flag in self.prognosis:
+            if flag not in self.datasets or INFO.get(flag, {}).get("task") != "ordinal-regression" or self.task != "classification":
+                graded = [f for f in self.datasets if INFO.get(f, {}).get("task") == "ordinal-regression"]
+                raise ValueError(
+                    f"prognosis lists {flag}, which is not a graded (ordinal) dataset of this classification run; "
+                    f"graded datasets here: {', '.join(graded) or 'none'}"
+                )
         return self
 
     @model_validator(mode="after")

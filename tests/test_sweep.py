@@ -123,3 +123,18 @@ def test_checkpoint_restore_continues_exactly(data_dir, tmp_path, ray_session):
     assert list(resumed["round"]) == [1, 2]
     for key in ("train/loss", "personal/client_mean/acc", "personal/pneumoniamnist/auc"):
         np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, metric", [("{name: lorkd, rank: 4, teacher_epochs: 1}", "global/mean/acc"), ("{name: mafm3, rank: 4, foundation_epochs: 1}", "global/retinamnist/c_index")])
+def test_lorkd_and_mafm3_sweep_like_every_strategy(data_dir, tmp_path, ray_session, strategy, metric):
+    """Each trial prepares its teacher or foundation inside its own placement group and reports."""
+    experiment = small_config(
+        data_dir, tmp_path, "clients.num_cpus=0.5", "rounds=1", "clients.num=3", "data.max_train_per_dataset=90", "data.max_test_per_dataset=40",
+        "data.datasets=[pneumoniamnist,breastmnist,retinamnist]", "data.prognosis=[retinamnist]", f"strategy={strategy}",
+    ).to_dict()
+    path = _sweep_file(tmp_path, data_dir, name="paper-sweep", experiment=experiment, metric=metric, scheduler={"name": "fifo"},
+                       search_space={"strategy.rank": {"grid": [2, 4]}})
+    assert main(["tune", str(path), "--quiet"]) == 0
+    trials = pd.read_csv(tmp_path / "tune" / "paper-sweep" / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"ok"} and trials[metric].notna().all()

@@ -1,4 +1,4 @@
-"""Super-resolution and VQA-RAD tasks: inputs, targets, metrics, the loader, and runs through the engine."""
+"""Super-resolution, VQA-RAD and prognosis tasks: inputs, targets, losses, metrics, the loader, and runs through the engine."""
 
 from __future__ import annotations
 
@@ -118,3 +118,40 @@ def test_vqa_federation_runs_per_organ(tmp_path, ray_session):
         assert 0 <= final[f"personal/{flag}/acc"] <= 1 and f"personal/{flag}/acc_closed" in final
     assert final["personal/client_mean/acc"] > 0.15  # uniform guessing over 476 answers: 0.002
     assert Path(run["dir"], "config.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prognosis: an ordinal grade read as a discrete time to event
+
+
+def test_prognosis_loss_is_the_logistic_hazard_nll_and_probabilities_sum_to_one():
+    task = TaskSpec.from_medmnist("retinamnist").prognosis()
+    assert task.num_outputs == 4 and task.graded
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4)
+    grades = torch.tensor([0, 1, 3, 4, 2])
+    h = torch.sigmoid(logits)
+    manual = []
+    for row, y in zip(h, grades.tolist()):
+        ll = sum(torch.log(1 - row[k]) for k in range(y)) + (torch.log(row[y]) if y < 4 else 0.0)
+        manual.append(-ll)
+    torch.testing.assert_close(task.loss(logits, grades[:, None]), torch.stack(manual).mean())
+    probs = task.scores(logits)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs[:, 0], h[:, 0].numpy(), rtol=1e-6)  # P(Y=0) = h_0
+
+
+def test_prognosis_c_index_orders_risk_by_grade():
+    task = TaskSpec.from_medmnist("retinamnist").prognosis()
+    grades = np.array([0, 1, 2, 3, 4])
+    onehot = np.eye(5)
+    assert task.metrics(onehot, grades[:, None])["c_index"] == 1.0  # expected grade == grade: every pair in order
+    assert task.metrics(onehot[::-1], grades[:, None])["c_index"] == 0.0
+    assert math.isnan(task.metrics(onehot[:1].repeat(3, 0), np.zeros((3, 1), int))["c_index"])  # no comparable pair
+
+
+def test_prognosis_needs_a_graded_dataset(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="prognosis lists breastmnist, which is not a graded"):
+        small_config(data_dir, tmp_path, "data.prognosis=[breastmnist]")
+    with pytest.raises(ValueError, match="not ordinal"):
+        TaskSpec.from_medmnist("breastmnist").prognosis()

@@ -77,6 +77,8 @@ def source_task(file: DatasetFile, d: DataConfig) -> TaskSpec:
     if file.flag == "r2gen":
         return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
     task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size)
+    if file.flag in d.prognosis:
+        return task.prognosis()
     return task.super_resolution(d.sr_scale) if d.task == "superresolution" else task
 
 
@@ -161,6 +163,7 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "max_test": d.max_test_per_dataset,
         "server_fraction": d.server_fraction,
         "held_out": d.held_out,
+        "prognosis": d.prognosis,
         "clients": cfg.clients.num,
         "seed": cfg.seed,
     }

@@ -23,6 +23,15 @@ Classification losses:
 - multi-label (ChestMNIST): a sigmoid per label, binary cross-entropy.
 - ordinal (RetinaMNIST): cumulative ("extended binary") logits, one per threshold k < C-1, trained
   with BCE on [y > k]; the prediction counts the thresholds passed, so grade errors are ordered.
+- prognosis (an ordinal dataset listed in ``data.prognosis``): the grade read as a discrete time to
+  event, grade k = the event in interval k. One hazard logit per interval k < C-1,
+  h_k = σ(z_k) = P(Y = k | Y ≥ k), trained with the logistic-hazard survival loss (Gensheimer &
+  Narasimhan 2019, https://doi.org/10.7717/peerj.6257)
+
+      NLL(y) = −[ Σ_{k<y} log(1 − h_k) + 1[y < C−1] · log h_y ]     (grade C−1: no event by the last interval)
+
+  P(Y = k) = h_k Π_{j<k} (1 − h_j); the prediction is the median grade, the risk score the expected
+  grade, and the C-index (Harrell's, from ``lifelines``) scores how well that risk orders the grades.
 
 Metrics come from scikit-learn: accuracy, AUC (macro one-vs-rest where there are several classes),
 macro-F1, and mean absolute grade error for ordinal tasks. An undefined AUC (a split with one class)
@@ -41,7 +50,7 @@ import torch.nn.functional as F
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score, roc_auc_score
 
-TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "superres", "vqa", "report"]
+TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "prognosis", "superres", "vqa", "report"]
 ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question or report tokens)
 
 _KINDS: dict[str, TaskKind] = {
@@ -90,11 +99,22 @@ class TaskSpec:
         """The ×``scale`` super-resolution task on this dataset's images."""
         return replace(self, kind="superres", num_classes=0, scale=scale)
 
+    def prognosis(self) -> TaskSpec:
+        """This ordinal dataset's grade read as a discrete time to event (see the module's docstring)."""
+        if self.kind != "ordinal":
+            raise ValueError(f"{self.dataset} is {self.kind}, not ordinal: only a graded dataset reads as a prognosis")
+        return replace(self, kind="prognosis")
+
+    @property
+    def graded(self) -> bool:
+        """Whether the classes are ordered grades (ordinal or prognosis): C−1 outputs, median prediction."""
+        return self.kind in ("ordinal", "prognosis")
+
     @property
     def num_outputs(self) -> int:
         if self.kind == "superres":
             return self.channels * self.image_size**self.spatial_dims
-        return self.num_classes - 1 if self.kind == "ordinal" else self.num_classes
+        return self.num_classes - 1 if self.graded else self.num_classes
 
     @property
     def primary_metric(self) -> str:
@@ -160,6 +180,8 @@ class TaskSpec:
         if self.kind == "ordinal":
             thresholds = torch.arange(self.num_outputs, device=logits.device)
             return F.binary_cross_entropy_with_logits(logits, (target[:, None] > thresholds).float())
+        if self.kind == "prognosis":
+            return survival_nll(logits, target)
         return F.cross_entropy(logits, target)
 
     # ---- evaluation
@@ -178,12 +200,14 @@ class TaskSpec:
             upper = torch.cat([ones, exceed], dim=1)
             lower = torch.cat([exceed, torch.zeros_like(ones)], dim=1)
             return (upper - lower).clamp_min(0).cpu().numpy()
+        if self.kind == "prognosis":
+            return grade_probabilities(logits).cpu().numpy()
         return torch.softmax(logits, dim=1).cpu().numpy()
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         if self.kind == "multilabel":
             return (scores > 0.5).astype(np.int64)
-        if self.kind == "ordinal":  # count of thresholds passed == index where cumulative mass crosses 1/2
+        if self.graded:  # the median grade: where the cumulative mass crosses 1/2
             return (1.0 - np.cumsum(scores, axis=1)[:, :-1] > 0.5).sum(axis=1)
         return scores.argmax(axis=1)
 
@@ -226,9 +250,38 @@ class TaskSpec:
             out["auc"] = _safe_auc(
                 lambda: roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=classes)
             )
-        if self.kind == "ordinal":
+        if self.graded:
             out["mae"] = float(np.abs(pred - y).mean())
+        if self.kind == "prognosis":
+            out["c_index"] = c_index(y, scores @ classes)
         return out
+
+
+def survival_nll(logits: torch.Tensor, grade: torch.Tensor) -> torch.Tensor:
+    """Mean logistic-hazard NLL of ``grade`` under hazards σ(logits) (N×(C−1)); see the module's docstring."""
+    intervals = torch.arange(logits.shape[1], device=logits.device)
+    survived = (intervals[None, :] < grade[:, None]).float()  # 1 − h_k for every interval passed
+    event = (intervals[None, :] == grade[:, None]).float()  # h_y, absent for the last grade
+    # log(1 − σ(z)) = logsigmoid(−z): stable for large |z|
+    return -(survived * F.logsigmoid(-logits) + event * F.logsigmoid(logits)).sum(dim=1).mean()
+
+
+def grade_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """P(Y = k) = h_k Π_{j<k}(1 − h_j), and for the last grade Π_j (1 − h_j): N×C, rows sum to 1."""
+    hazard = torch.sigmoid(logits)
+    alive = torch.cumprod(torch.cat([torch.ones_like(hazard[:, :1]), 1 - hazard], dim=1), dim=1)  # P(Y ≥ k)
+    return alive * torch.cat([hazard, torch.ones_like(hazard[:, :1])], dim=1)
+
+
+def c_index(grades: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance of a risk score with the observed grades (every event observed); NaN when
+    no pair of rows has different grades."""
+    from lifelines.utils import concordance_index
+
+    try:
+        return float(concordance_index(grades, risk))
+    except ZeroDivisionError:  # no comparable pair
+        return float("nan")
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ rounds so far, so a restored federation continues exactly where it stopped.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from raymed.errors import DataError, find_user_error
 from raymed.methods import build_method, has_server_model
 from raymed.results.store import RunWriter
 
+logger = logging.getLogger("raymed")
 RoundCallback = Callable[[int, dict[str, Any]], None]
 CHECKPOINT_FILE = "federation.pkl"
 
@@ -115,8 +117,22 @@ class Federation:
         return self.round
 
     def close(self, status: str) -> None:
+        self.save_model()
         self.writer.finish(status)
-        ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
+        ray.kill(self.server)
+
+    def save_model(self) -> None:
+        """The server's weights as ``model.safetensors`` in the run folder (a later run's teacher or
+        foundation model); after a failure, those of the last finished round, when the server still answers."""
+        from raymed.models.pretrained import MODEL_FILE, save_model
+
+        try:
+            state, tasks = ray.get(self.server.final_model.remote(), timeout=60)
+        except Exception as exc:  # the server died with the failure being reported: the metrics are kept
+            logger.warning("no %s written for %s: the server did not answer (%s)", MODEL_FILE, self.name, type(exc).__name__)
+            return
+        if state.round >= 1:
+            save_model(self.run_dir / MODEL_FILE, state.weights, self.cfg.model.name, tasks, self.cfg.strategy.name, state.round)  # its client workers and state actor are owned by it and go with it
 
     def __enter__(self) -> Federation:
         return self

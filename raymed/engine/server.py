@@ -263,6 +263,10 @@ class ServerActor:
     def get_state(self) -> ServerState:
         return self.state
 
+    def final_model(self) -> tuple[ServerState, dict]:
+        """The state and the tasks, for the run's model file."""
+        return self.state, self.shards.tasks
+
     def set_state(self, state: ServerState) -> int:
         self.state = state
         return state.round

@@ -9,6 +9,8 @@
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
     summary.json             status (completed / failed: why / interrupted), final metrics, wall time
+    model.safetensors        the server's weights when the run ends (with the backbone's name, the
+                             tasks and the strategy as metadata: :mod:`raymed.models.pretrained`)
 
 Everything is written as soon as it exists (temporary file, then rename), so a run that fails or
 is interrupted keeps every finished round.
