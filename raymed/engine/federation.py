@@ -119,7 +119,7 @@ class Federation:
     def close(self, status: str) -> None:
         self.save_model()
         self.writer.finish(status)
-        ray.kill(self.server)
+        ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
 
     def save_model(self) -> None:
         """The server's weights as ``model.safetensors`` in the run folder (a later run's teacher or
@@ -132,7 +132,7 @@ class Federation:
             logger.warning("no %s written for %s: the server did not answer (%s)", MODEL_FILE, self.name, type(exc).__name__)
             return
         if state.round >= 1:
-            save_model(self.run_dir / MODEL_FILE, state.weights, self.cfg.model.name, tasks, self.cfg.strategy.name, state.round)  # its client workers and state actor are owned by it and go with it
+            save_model(self.run_dir / MODEL_FILE, state.weights, self.cfg.model.name, tasks, self.cfg.strategy.name, state.round)
 
     def __enter__(self) -> Federation:
         return self

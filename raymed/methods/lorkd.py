@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+
 from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError

@@ -97,7 +97,11 @@ def pretrain(shard_dir: str, datasets: list[str], model_name: str, epochs: int, 
         raise ConfigError(f"cannot pretrain on {', '.join(unknown)}: not among data.datasets ({', '.join(shards.tasks)}); add them or give a pretrained run")
     tasks = {f: shards.tasks[f] for f in datasets}
     model = build_model(model_name, tasks, seed)
-    rows = {f: [shards.client(c).train[f] for c in range(shards.num_clients) if f in shards.client(c).train] for f in datasets}
+    rows: dict[str, list] = {f: [] for f in datasets}
+    for client in map(shards.client, range(shards.num_clients)):
+        for flag in datasets:
+            if flag in client.train:
+                rows[flag].append(client.train[flag])  # its training block: never its held-out rows
     images = {f: np.concatenate([s.images for s in parts]) for f, parts in rows.items()}
     labels = {f: np.concatenate([s.labels for s in parts]) for f, parts in rows.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
