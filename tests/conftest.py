@@ -81,3 +81,26 @@ def small_config(data_dir: Path, tmp_path: Path, *overrides: str) -> ExperimentC
         "ray": {"dashboard": False},
     }
     return validate_config(apply_overrides(raw, list(overrides)))
+
+
+def prepared_method(cfg: ExperimentConfig):
+    """A method as every actor builds it, outside Ray: shards materialised, ``prepare`` run (teacher,
+    foundation, ...), the model built from the resolved config. Returns (resolved config, method,
+    model, server state, shards, context(client_id) -> ClientContext for round 1 on the CPU)."""
+    import torch
+
+    from raymed.data.shards import ShardSet, materialise
+    from raymed.methods import ClientContext, build_method
+
+    shard_dir = materialise(cfg)
+    cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
+    method = build_method(cfg.strategy.name, cfg.strategy.params)
+    shards = ShardSet(shard_dir)
+    model = method.build_model(cfg.model, shards.tasks, cfg.seed)
+    unsent = getattr(model, "unsent_keys", ())
+    initial = {k: v.numpy().copy() for k, v in model.state_dict().items() if k not in unsent}
+
+    def context(client: int) -> ClientContext:
+        return ClientContext(client, 1, cfg.seed, model, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+
+    return cfg, method, model, method.init_state(initial), shards, context

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymed.data.shards import ShardSet, materialise
 from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
-from raymed.methods import ClientContext, build_method
+from raymed.methods import build_method
 from raymed.methods.lorkd import LoRKDModel, distillation_loss, is_expert
 from raymed.models import build_backbone, build_model
 from raymed.models.experts import LowRankExperts, add_experts, set_route
-from tests.conftest import small_config
+from tests.conftest import prepared_method, small_config
 
 TASKS = {f: TaskSpec.from_medmnist(f) for f in ("pneumoniamnist", "breastmnist", "retinamnist")}
 
@@ -115,18 +114,7 @@ def lorkd_setup(data_dir, tmp_path):
             data_dir, tmp_path, "data.max_train_per_dataset=120", "data.max_test_per_dataset=40", "clients.num=4",
             "strategy={name: lorkd, rank: 4, teacher_epochs: 1}", *overrides,
         )
-        shard_dir = materialise(cfg)
-        method = build_method("lorkd", cfg.strategy.params)
-        cfg = method.prepare(cfg, str(shard_dir))
-        method = build_method("lorkd", cfg.strategy.params)  # as every actor builds it: from the resolved config
-        shards = ShardSet(shard_dir)
-        model = method.build_model(cfg.model, shards.tasks, cfg.seed)
-        initial = {k: v.numpy().copy() for k, v in model.state_dict().items() if k not in model.unsent_keys}
-        state = method.init_state(initial)
-
-        def context(client: int) -> ClientContext:
-            return ClientContext(client, 1, cfg.seed, model, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
-
+        cfg, method, model, state, _, context = prepared_method(cfg)
         return cfg, method, model, state, context
 
     return make

@@ -9,12 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from raymed.data.shards import ShardSet, materialise
 from raymed.errors import ConfigError
-from raymed.methods import ClientContext, build_method
-from raymed.methods.mafm3 import MAFM3Model, module_of
+from raymed.methods.mafm3 import module_of
 from raymed.methods.base import WeightedMean
-from tests.conftest import small_config
+from tests.conftest import prepared_method, small_config
 
 THREE = ["data.datasets=[pneumoniamnist,breastmnist,retinamnist]", "data.prognosis=[retinamnist]", "clients.num=6", "clients.fraction=1.0"]
 
@@ -26,17 +24,7 @@ def mafm3_setup(data_dir, tmp_path):
             data_dir, tmp_path, "data.max_train_per_dataset=120", "data.max_test_per_dataset=40", *THREE,
             "strategy={name: mafm3, rank: 4, foundation_epochs: 1}", *overrides,
         )
-        shard_dir = materialise(cfg)
-        cfg = build_method("mafm3", cfg.strategy.params).prepare(cfg, str(shard_dir))
-        method = build_method("mafm3", cfg.strategy.params)
-        shards = ShardSet(shard_dir)
-        model: MAFM3Model = method.build_model(cfg.model, shards.tasks, cfg.seed)
-        initial = {k: v.numpy().copy() for k, v in model.state_dict().items() if k not in model.unsent_keys}
-        state = method.init_state(initial)
-
-        def context(client: int) -> ClientContext:
-            return ClientContext(client, 1, cfg.seed, model, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
-
+        cfg, method, model, state, shards, context = prepared_method(cfg)
         return cfg, method, model, state, context, shards
 
     return make

@@ -44,8 +44,8 @@ from pydantic import Field
 from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError
-from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
-from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, Weights, local_sgd, register_method
+from raymed.methods.fedavg import FedAvg, FedAvgParams
 from raymed.models import Backbone, FedModel, build_backbone, images_of
 from raymed.models.experts import add_experts, fuse, set_route
 
@@ -124,9 +124,12 @@ class LoRKDModel(FedModel):
 
 
 @register_method
-class LoRKD(Method):
+class LoRKD(FedAvg):
+    """FedAvg's server (a per-key weighted mean), with the distilling client update below."""
+
     name = "lorkd"
     Params = LoRKDParams
+    client_updates = Method.client_updates  # one client at a time: FedAvg's vectorised update has no teacher
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         if cfg.data.task != "classification":
@@ -158,9 +161,6 @@ class LoRKD(Method):
     def init_state(self, initial_weights: Weights) -> ServerState:
         private = self.params.expert_sharing == "client"
         return ServerState(weights={k: v for k, v in initial_weights.items() if not (private and is_expert(k))})
-
-    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
-        return apply_mean_update(state, accumulator, self.params.server_lr)
 
     def eval_weights(self, state: ServerState) -> Weights | None:
         return None if self.params.expert_sharing == "client" else state.weights

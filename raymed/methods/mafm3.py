@@ -36,8 +36,8 @@ from torch import nn
 from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError
-from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
-from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+from raymed.methods.base import Method, register_method
+from raymed.methods.fedavg import FedAvg, FedAvgParams
 from raymed.models import FedModel, images_of
 from raymed.models.experts import DENSE, add_experts, set_route
 
@@ -145,7 +145,7 @@ class MAFM3Model(FedModel):
 
 
 @register_method
-class MAFM3(Method):
+class MAFM3(FedAvg):
     name = "mafm3"
     Params = MAFM3Params
 
@@ -179,14 +179,7 @@ class MAFM3(Method):
             torch.manual_seed(seed)
             return MAFM3Model(foundation, tasks, self.params)
 
-    # ---- server half: each module averaged over the clients that trained it
-
-    def aggregate(self, state: ServerState, accumulator: WeightedMean) -> ServerState:
-        return apply_mean_update(state, accumulator, self.params.server_lr)
-
-    # ---- client half: only the client's own modules train and travel
-
-    def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
-        ctx.load(payload)
-        metrics = local_sgd(ctx)
-        return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+    # Server and client halves are FedAvg's: a client's trained keys are its own modules
+    # (MAFM3Model.state_keys), so only those train and travel, and the per-key weighted mean averages
+    # each module over the clients that trained it.
+    client_updates = Method.client_updates  # one client at a time (the routed modules have no vectorised form)
