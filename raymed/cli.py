@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from raymed.errors import DataError, RaymedError, find_user_error
+from raymed.errors import ConfigError, DataError, RaymedError, find_user_error
 
 console = Console(stderr=False)
 DEFAULT_COMPARISON = ("fedavg", "fedper")
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set clients.lr=0.01 (repeatable)")
     run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint, in its folder (--set rounds=N extends it)")
 
     tune = sub.add_parser("tune", help="a Ray Tune sweep: each trial one whole federation (see tune_configs/)")
     tune.add_argument("sweep", help="sweep YAML, e.g. tune_configs/fedprox_mu_lr.yaml")
@@ -55,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _run_one(cfg, quiet: bool) -> Path:
+def _run_one(cfg, quiet: bool, resume: tuple[str, list[str]] | None = None) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from raymed.engine import run_experiment
+    from raymed.engine import resume_experiment, run_experiment
 
     with Progress(
         TextColumn(f"[bold]{cfg.strategy.name}[/bold]"),
@@ -76,8 +77,10 @@ def _run_one(cfg, quiet: bool) -> Path:
             nodes = len({w["node_id"] for w in info["workers"]})
             note = " [red]SYNTHETIC DATA[/red]" if info["synthetic"] else ""
             dash = f", dashboard {info['dashboard']} (token auth on)" if info.get("dashboard") else ""
-            progress.console.print(f"{info['run_dir']}: {info['num_workers']} client workers on {nodes} node(s){dash}{note}")
-            progress.update(task, status="round 1")
+            done = info.get("resumed_from_round", 0)
+            again = f", resumed after round {done}" if done else ""
+            progress.console.print(f"{info['run_dir']}: {info['num_workers']} client workers on {nodes} node(s){dash}{again}{note}")
+            progress.update(task, completed=done, status=f"round {done + 1}")
 
         def on_round(r: int, m: dict) -> None:
             shown = [f"loss {m['train/loss']:.3f}"]
@@ -86,22 +89,23 @@ def _run_one(cfg, quiet: bool) -> Path:
             shown.append(f"{m['time/round_s']:.1f}s")
             progress.update(task, advance=1, status=" · ".join(shown))
 
+        if resume is not None:
+            return resume_experiment(resume[0], resume[1], on_round=on_round, on_start=on_start)
         return run_experiment(cfg, on_round=on_round, on_start=on_start)
 
 
 def _embedded_default(overrides: list[str]) -> list:
     """The default experiment on the real subsets found, else on synthetic stand-ins (said loudly)."""
     from raymed.config import load_config
-    from raymed.data.medmnist_files import locate, write_synthetic
+    from raymed.data.medmnist_files import find_file, verify, write_synthetic
 
     base = load_config(None, overrides)
     found = []
     for flag in base.data.datasets:
-        try:
-            locate(flag, base.data.size, base.data.root)
+        path = find_file(flag, base.data.size, base.data.root)
+        if path is not None:
+            verify(path, flag, base.data.size)  # a corrupt file is an error, never quietly replaced
             found.append(flag)
-        except DataError:
-            pass
     extra = list(overrides)
     if found:
         extra.append(f"data.datasets=[{','.join(found)}]")
@@ -127,8 +131,16 @@ def cmd_run(args) -> int:
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    configs = [load_config(args.config, overrides)] if args.config else _embedded_default(overrides)
-    run_dirs = [_run_one(cfg, args.quiet) for cfg in configs]
+    if args.resume:
+        if args.config:
+            raise ConfigError("give either a CONFIG or --resume RUN_DIR, not both (the run folder holds its config)")
+        from raymed.engine.federation import resumed_config
+
+        cfg = resumed_config(args.resume, overrides)
+        run_dirs = [_run_one(cfg, args.quiet, resume=(args.resume, overrides))]
+    else:
+        configs = [load_config(args.config, overrides)] if args.config else _embedded_default(overrides)
+        run_dirs = [_run_one(cfg, args.quiet) for cfg in configs]
     out = run_dirs[0].parent / ("comparison.png" if len(run_dirs) > 1 else f"{run_dirs[0].name}.png")
     png = report(run_dirs, out, console)
     console.print(f"results: {', '.join(str(d) for d in run_dirs)}; plot: {png}")

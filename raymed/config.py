@@ -130,6 +130,11 @@ class ClientsConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    # Which clients are online in a round: each with this probability (seeded by seed and round), or
+    # as listed in a trace file (CSV or Parquet with columns client_id, round: a client the trace
+    # lists is online only in its listed rounds; one it does not list is always online).
+    availability: float = Field(1.0, gt=0, le=1)
+    availability_trace: str | None = None
 
 
 class DecoderConfig(Section):
@@ -179,6 +184,21 @@ class EngineConfig(Section):
     vectorise: bool = False
     # How long the client workers may wait to be placed before the run stops with the reason.
     start_timeout_s: float = Field(600.0, gt=0)
+    # Save the whole federation (federation.pkl in the run folder) every N rounds and after the last;
+    # `raymed run --resume RUN_DIR` continues from it. 0: never.
+    checkpoint_every: int = Field(1, ge=0)
+    # A client whose training raises, or whose worker dies: retried on a live worker up to
+    # client_retries times and then left out of the round (retry), left out at once (drop), or the
+    # run stops with the reason (stop). A round that aggregates no update at all stops the run.
+    on_client_failure: Literal["retry", "drop", "stop"] = "retry"
+    client_retries: int = Field(2, ge=0)
+    # Stragglers: a client whose round time (its training time, plus any simulated delay) exceeds
+    # client_deadline_s is late; its update is dropped, or down-weighted by deadline/time.
+    client_deadline_s: float | None = Field(None, gt=0)
+    late_updates: Literal["drop", "downweight"] = "drop"
+    # A worker call not back after this long is presumed hung: the worker is killed and replaced,
+    # and its clients count as failed (see on_client_failure). None: wait as long as it takes.
+    worker_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("num_workers")
     @classmethod
@@ -186,6 +206,45 @@ class EngineConfig(Section):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be 'auto' or an integer >= 1")
         return value
+
+
+class CrashConfig(Section):
+    """Injected client failures (to exercise the failure policies)."""
+
+    clients: list[int] = Field(default_factory=list)
+    rounds: list[int] = Field(default_factory=list)  # empty: every round
+    # raise: local training raises; exit: the worker process dies (as under an OOM kill);
+    # hang: the worker stops answering (engine.worker_timeout_s catches it).
+    kind: Literal["raise", "exit", "hang"] = "raise"
+    attempts: int = Field(1, ge=1)  # the first N tries of a client in a round fail, later retries succeed
+
+
+class SlowConfig(Section):
+    """Simulated stragglers: these clients' round time counts delay_s more (no real sleep)."""
+
+    clients: list[int] = Field(default_factory=list)
+    rounds: list[int] = Field(default_factory=list)  # empty: every round
+    delay_s: float = Field(0.0, ge=0)
+
+
+class ByzantineConfig(Section):
+    """Misbehaving clients: a seeded fraction of the federation attacks in every round it is sampled.
+
+    sign_flip sends -scale·Δ (scale 1 by default); scale sends scale·Δ (default 10); noise sends
+    N(0, scale²) in every coordinate (default 1); label_flip trains honestly on flipped labels.
+    """
+
+    fraction: float = Field(0.0, ge=0, lt=1)
+    attack: Literal["sign_flip", "scale", "noise", "label_flip"] = "sign_flip"
+    scale: float | None = None
+
+
+class FaultsConfig(Section):
+    """Simulated faults and adversaries; all off by default."""
+
+    crash: CrashConfig = Field(default_factory=CrashConfig)
+    slow: SlowConfig = Field(default_factory=SlowConfig)
+    byzantine: ByzantineConfig = Field(default_factory=ByzantineConfig)
 
 
 class ServerConfig(Section):
@@ -239,6 +298,19 @@ class ExperimentConfig(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+
+    @model_validator(mode="after")
+    def _clients_exist(self) -> ExperimentConfig:
+        f, n = self.faults, self.clients.num
+        for name, ids in (("faults.crash.clients", f.crash.clients), ("faults.slow.clients", f.slow.clients)):
+            wrong = [c for c in ids if not 0 <= c < n]
+            if wrong:
+                raise ValueError(f"{name} lists client(s) {wrong}, but clients are numbered 0..{n - 1} (clients.num={n})")
+        for name, rounds in (("faults.crash.rounds", f.crash.rounds), ("faults.slow.rounds", f.slow.rounds)):
+            if any(r < 1 for r in rounds):
+                raise ValueError(f"{name}: rounds are numbered from 1")
+        return self
 
     @property
     def run_name(self) -> str:
@@ -332,6 +404,8 @@ def format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()
         return f"unknown key {path}{hint}; allowed keys here: {', '.join(allowed)}"
     given = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: its message names the keys itself
+        return msg
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     return f"{path}: got {given!r}; {msg}{more}"
 

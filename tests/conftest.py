@@ -51,6 +51,7 @@ def ray_session():
     import ray
 
     ray.init(
+        address="local",  # never another Ray running on this machine
         num_cpus=2,
         num_gpus=0,
         include_dashboard=False,

@@ -39,7 +39,7 @@ def test_bad_config_is_one_line(tmp_path):
     path = _write_config(tmp_path, {"rounds": 2, "clients": {"num": 4, "fration": 0.5}})
     _assert_one_line_error(raymed("run", path), "config error", "clients.fration", "clients.fraction")
     good = _write_config(tmp_path, {"rounds": 2})
-    _assert_one_line_error(raymed("run", good, "--set", "strategy.name=fedbest"), "strategy.name", "allowed: fedavg")
+    _assert_one_line_error(raymed("run", good, "--set", "strategy.name=fedbest"), "strategy.name", "allowed: ", "fedavg, ")
     (tmp_path / "broken.yaml").write_text("rounds: [2\n")
     _assert_one_line_error(raymed("run", str(tmp_path / "broken.yaml")), "not valid YAML")
     _assert_one_line_error(raymed("run", str(tmp_path / "absent.yaml")), "does not exist")

@@ -3,8 +3,9 @@
 The cluster runs in a subprocess (a pytest session holds one Ray per process). Each node has one
 CPU and each client worker asks for one, so the pool of two workers must spread over both nodes;
 the run must finish with the same numbers as on one node. The same cluster checks that the
-dashboard refuses a request without Ray's token and serves one with it, and that
-``ray job submit -- raymed run ...`` runs a federation through the jobs API.
+dashboard refuses a request without Ray's token and serves one with it, that
+``ray job submit -- raymed run ...`` runs a federation through the jobs API, and that a federation
+whose worker node is lost mid-run retrains that node's clients on the other and completes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SCRIPT = textwrap.dedent(
 
     # Own ports for the dashboard and each node's agent: the test session's Ray holds the default ones.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_port": int(sys.argv[2]), "dashboard_agent_listen_port": int(sys.argv[5])})
-    cluster.add_node(num_cpus=1, num_gpus=0, dashboard_agent_listen_port=int(sys.argv[6]))
+    worker_node = cluster.add_node(num_cpus=1, num_gpus=0, dashboard_agent_listen_port=int(sys.argv[6]))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
@@ -57,7 +58,20 @@ SCRIPT = textwrap.dedent(
         if "No available agent" not in job.stdout + job.stderr:
             break
         time.sleep(3)
-    print("RESULT " + json.dumps({"run_dir": str(run_dir), "nodes": nodes, "dashboard": codes,
+
+    # A node is lost mid-run: its client worker dies with it; the run goes on on the other node.
+    from raymed.engine import Federation
+    lost = validate_config({**json.loads(sys.argv[1]), "name": "node-loss", "rounds": 3})
+    node_loss = {}
+    with Federation(lost) as federation:
+        info = federation.start()
+        node_loss["server_node"] = info["server_node"]
+        federation.step()
+        cluster.remove_node(worker_node)
+        node_loss["rounds"] = [federation.step() for _ in range(2)]
+    node_loss["run_dir"] = str(federation.run_dir)
+    node_loss["removed"] = worker_node.node_id
+    print("RESULT " + json.dumps({"run_dir": str(run_dir), "nodes": nodes, "dashboard": codes, "node_loss": node_loss,
                                   "job": {"rc": job.returncode, "out": (job.stdout + job.stderr)[-3000:]}}))
     ray.shutdown()
     cluster.shutdown()
@@ -95,6 +109,14 @@ def test_federation_spreads_over_two_nodes_and_matches_one_node(data_dir, tmp_pa
         np.testing.assert_allclose(two_nodes["rounds"][key], one_node[key], rtol=1e-6, err_msg=key)
 
     assert result["dashboard"] == {"anonymous": 401, "token": 200}
+
+    # The node that held one client worker went after round 1; rounds 2 and 3 retrained its
+    # clients on the other node's worker, and the run completed.
+    loss = result["node_loss"]
+    assert loss["server_node"] != loss["removed"], "the server landed on the node the test removes"
+    assert [m["clients/aggregated"] for m in loss["rounds"]] == [m["clients/sampled"] for m in loss["rounds"]]
+    assert loss["rounds"][0]["clients/retried"] > 0
+    assert read_run(loss["run_dir"])["summary"]["status"] == "completed"
 
     assert result["job"]["rc"] == 0, result["job"]["out"]
     (job_run,) = [d for d in (tmp_path / "job-results").glob("via-jobs-api-*") if d.is_dir()]

@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "run_experiment": "raymed.engine.federation",
+    "resume_experiment": "raymed.engine.federation",
     "Federation": "raymed.engine.federation",
     "Placement": "raymed.engine.runtime",
     "federation_bundles": "raymed.engine.runtime",

@@ -36,6 +36,13 @@ class ClientStateStore:
         """Every client's state (for a checkpoint of the whole federation)."""
         return {c: self._get(c) for c in self.keys()}
 
+    def replace_all(self, states: dict[int, Any]) -> int:
+        """Exactly these states and no others (a restored checkpoint: states written after it go)."""
+        for client_id in self.keys():
+            if client_id not in states:
+                self._drop(client_id)
+        return self.put_many(states)
+
     def keys(self) -> list[int]:
         if self.folder is None:
             return sorted(self.memory)
@@ -46,6 +53,12 @@ class ClientStateStore:
             return self.memory.get(client_id)
         path = self.folder / f"{client_id}.pkl"
         return pickle.loads(path.read_bytes()) if path.exists() else None
+
+    def _drop(self, client_id: int) -> None:
+        if self.folder is None:
+            self.memory.pop(client_id, None)
+        else:
+            (self.folder / f"{client_id}.pkl").unlink(missing_ok=True)
 
     def _put(self, client_id: int, state: Any) -> None:
         if self.folder is None:

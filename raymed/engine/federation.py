@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymed.config import ExperimentConfig
-from raymed.data.shards import locate_sources, materialise
+from raymed.data.shards import ShardSet, locate_sources, materialise
+from raymed.engine.faults import check_faults
 from raymed.engine.runtime import Placement, init_ray, plan_workers
 from raymed.engine.server import ServerActor
-from raymed.errors import DataError, find_user_error
-from raymed.methods import build_method, has_server_model
+from raymed.errors import ConfigError, DataError, find_user_error
+from raymed.methods import METHODS, build_method, has_server_model
 from raymed.results.store import RunWriter
 
 logger = logging.getLogger("raymed")
@@ -34,26 +36,30 @@ CHECKPOINT_FILE = "federation.pkl"
 class Federation:
     """One federation on Ray: its server actor (which owns the client pool) and its run folder."""
 
-    def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None):
+    def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None, resume: str | Path | None = None):
         from raymed.models.report import pretrained_decoder
 
+        if resume is not None and METHODS[cfg.strategy.name].uses_server_model:
+            raise ConfigError(
+                f"strategy {cfg.strategy.name} keeps a central model in DeepSpeed ranks, which checkpoints do not hold; "
+                f"it cannot be resumed exactly: rerun it from the start"
+            )
         cfg = pretrained_decoder(cfg)  # report runs may start from a pretrained decoder (built once, cached)
         self.cfg = cfg
         d = cfg.data
         files = locate_sources(d)
         shard_dir = materialise(cfg, files)
         cfg = self.cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
+        check_faults(cfg, ShardSet(shard_dir).tasks)
         self.dashboard = init_ray(cfg.ray)
         self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
         # Only now, with data and resources known to be there, does the run get a folder.
-        self.writer = RunWriter(
-            cfg,
-            {
-                "synthetic": any(f.synthetic for f in files),
-                "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
-                "shards": str(shard_dir),
-            },
-        )
+        meta = {
+            "synthetic": any(f.synthetic for f in files),
+            "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
+            "shards": str(shard_dir),
+        }
+        self.writer = RunWriter.reopen(cfg, resume, meta) if resume is not None else RunWriter(cfg, meta)
         # A server model (report decoder, FedKIM's central model): the server's resources go to its
         # DeepSpeed ranks, which it starts.
         own = not has_server_model(cfg)
@@ -65,6 +71,9 @@ class Federation:
         if placement:
             bundle = placement.server_bundles[0] if own and placement.server_bundles else 0
             options["scheduling_strategy"] = placement.strategy(bundle)
+        else:  # beside this driver: the run then hangs on one node only, and losing another loses no state
+            needs = options["num_cpus"] or options["num_gpus"]  # a server with no resources always fits there
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=bool(needs))
         self.server = ray.remote(ServerActor).options(**options).remote(
             cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement
         )
@@ -91,27 +100,31 @@ class Federation:
         result = ray.get(self.server.run_round.remote())
         self.writer.log_round(result)
         self.round = int(result["metrics"]["round"])
+        every = self.cfg.engine.checkpoint_every
+        if every and (self.round % every == 0 or self.round == self.cfg.rounds) and not METHODS[self.cfg.strategy.name].uses_server_model:
+            self.checkpoint(self.run_dir)  # after the round's files: the checkpoint never runs ahead of them
         return result["metrics"]
 
     def checkpoint(self, folder: str | Path) -> Path:
-        """Write the whole federation's state to ``folder``; returns the file."""
+        """Write the whole federation's state to ``folder`` (atomically: a temporary file, then a
+        rename); returns the file. It holds the server state (weights, the method's state, the
+        round), every client's persistent state and the metrics so far. Random draws need no saved
+        state: each is seeded by (seed, round, client) (sampling, availability, faults, batches,
+        torch's seed per client)."""
         store = ray.get(self.server.client_state_store.remote())
         state, clients = ray.get([self.server.get_state.remote(), store.snapshot.remote()])
         path = Path(folder) / CHECKPOINT_FILE
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(pickle.dumps({"server": state, "clients": clients, "rounds": self.writer.rounds}, protocol=5))
+        saved = {"server": state, "clients": clients, "rounds": self.writer.rounds, "config": self.cfg.to_dict()}
+        tmp.write_bytes(pickle.dumps(saved, protocol=5))
         tmp.replace(path)
         return path
 
     def restore(self, folder: str | Path) -> int:
         """Continue from a checkpoint written by :meth:`checkpoint`; returns its round."""
-        path = Path(folder) / CHECKPOINT_FILE
-        try:
-            saved = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise DataError(f"cannot read the federation checkpoint {path}: {exc}; give a folder written by a raymed checkpoint") from None
+        saved = read_checkpoint(folder)
         store = ray.get(self.server.client_state_store.remote())
-        ray.get([self.server.set_state.remote(saved["server"]), store.put_many.remote(saved["clients"])])
+        ray.get([self.server.set_state.remote(saved["server"]), store.replace_all.remote(saved["clients"])])
         self.writer.restore_rounds(saved["rounds"])
         self.round = saved["server"].round
         return self.round
@@ -148,6 +161,19 @@ class Federation:
         return False
 
 
+def read_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint in ``folder`` (one line naming the file when it is missing or unreadable)."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise DataError(f"{folder} holds no {CHECKPOINT_FILE}; give the folder of a raymed run saved with engine.checkpoint_every > 0")
+    try:
+        saved = pickle.loads(path.read_bytes())
+        saved["server"].round  # noqa: B018  (a pickle of something else fails here)
+    except Exception as exc:
+        raise DataError(f"cannot read the federation checkpoint {path} ({type(exc).__name__}); it is corrupt: rerun from the start") from None
+    return saved
+
+
 def failure_status(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
@@ -160,8 +186,53 @@ def run_experiment(
     on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run one federation to the end; returns its result folder."""
-    with Federation(cfg) as federation:
+    return _drive(Federation(cfg), on_round, on_start)
+
+
+# Settings a resumed run may change: how long it runs and where Ray is, not what it computes.
+RESUMABLE_KEYS = ("rounds", "ray.")
+
+
+def resume_experiment(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    on_round: RoundCallback | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Continue the run in ``run_dir`` from its checkpoint, in the same folder, to its last round
+    (``--set rounds=N`` extends it); returns the folder."""
+    cfg = resumed_config(run_dir, overrides)
+    return _drive(Federation(cfg, resume=run_dir), on_round, on_start, restore_from=Path(run_dir))
+
+
+def resumed_config(run_dir: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config a resumed run continues with: the folder's own, with only rounds and ray.* changed."""
+    from raymed.config import apply_overrides, load_yaml, validate_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DataError(f"{run_dir} holds no config.yaml; give the folder of a raymed run to resume")
+    for item in overrides or []:
+        if not item.partition("=")[0].strip().startswith(RESUMABLE_KEYS):
+            raise ConfigError(f"--set {item}: a resumed run keeps its config; only rounds and ray.* may change (rerun from the start to change the rest)")
+    saved = read_checkpoint(run_dir)
+    cfg = validate_config(apply_overrides(load_yaml(run_dir / "config.yaml"), list(overrides or [])))
+    if saved["server"].round >= cfg.rounds:
+        raise ConfigError(f"{run_dir} already finished round {saved['server'].round} of rounds={cfg.rounds}; --set rounds=N with a larger N to go on")
+    return cfg
+
+
+def _drive(
+    federation: Federation,
+    on_round: RoundCallback | None,
+    on_start: Callable[[dict[str, Any]], None] | None,
+    restore_from: Path | None = None,
+) -> Path:
+    cfg = federation.cfg
+    with federation:
         info = federation.start()
+        if restore_from is not None:
+            info["resumed_from_round"] = federation.restore(restore_from)
         if on_start:
             on_start(info)
         while federation.round < cfg.rounds:

@@ -37,6 +37,7 @@ def init_ray(cfg: RayConfig) -> str | None:
             import torch
 
             context = ray.init(
+                address="local",  # a new Ray of our own, even when another one runs on this machine
                 num_cpus=cfg.num_cpus or os.cpu_count() or 1,
                 num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
                 include_dashboard=cfg.dashboard,

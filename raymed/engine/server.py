@@ -15,6 +15,7 @@ read and write directly: the server only passes its handle on and never receives
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -22,22 +23,28 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymed.config import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
+from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
-from raymed.engine.worker import ClientWorker, float_state, frozen_state
+from raymed.engine.worker import ClientWorker, client_record, float_state, frozen_state
 from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
 
+logger = logging.getLogger("raymed")
 
-def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
-    """The clients of a round: a seeded draw without replacement, sorted."""
-    k = max(1, round(fraction * num_clients))
+
+def sample_clients(seed: int, round_: int, num_clients: int, fraction: float, online: list[int] | None = None) -> list[int]:
+    """The clients of a round: a seeded draw of round(fraction·N) clients without replacement,
+    sorted, from the ``online`` ones (default: all N); fewer when fewer are online."""
+    pool = np.arange(num_clients) if online is None else np.asarray(online, dtype=int)
+    k = min(max(1, round(fraction * num_clients)), len(pool))
     rng = np.random.default_rng([seed, round_, 0x5A3])
-    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+    return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
 
 
 def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[list[int]]:
@@ -91,27 +98,67 @@ class ServerActor:
         self.sizes = self.shards.client_sizes()
         folder = state_dir if self.cfg.engine.client_state == "disk" else None
         # Inside a placement group (a Tune trial) every actor is pinned to its bundle; otherwise Ray places them.
-        helper = {"scheduling_strategy": placement.helper_strategy} if placement else {}
+        # Elsewhere the clients' state lives on the server's own node: losing another node loses no state.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        helper = {"scheduling_strategy": placement.helper_strategy if placement else here}
         self.store = (
             ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0, **helper).remote(folder)
         )
-        c = self.cfg.clients
-        worker_cls = ray.remote(ClientWorker)
-        self.workers = [
-            worker_cls.options(
-                name=f"{run_name}.client-pool-{i}",
-                num_cpus=c.num_cpus,
-                num_gpus=c.num_gpus,
-                **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
-            ).remote(cfg, shard_dir, i, self.store, run_name, self.frozen_ref)
-            for i in range(num_workers)
-        ]
+        self.faults = FaultPlan(self.cfg)
+        self._spawn = (cfg, shard_dir, run_name, placement)
+        self.replaced = [0] * num_workers  # how many times each pool slot's worker was replaced
+        self.workers = [self._start_worker(i) for i in range(num_workers)]
+        self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
         self.samples: list[dict[str, Any]] = []  # report generation: this round's sample reports
 
+    def _start_worker(self, i: int) -> Any:
+        cfg, shard_dir, run_name, placement = self._spawn
+        c = self.cfg.clients
+        suffix = f".{self.replaced[i]}" if self.replaced[i] else ""
+        return (
+            ray.remote(ClientWorker)
+            .options(
+                name=f"{run_name}.client-pool-{i}{suffix}",
+                num_cpus=c.num_cpus,
+                num_gpus=c.num_gpus,
+                **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
+            )
+            .remote(cfg, shard_dir, i, self.store, run_name, self.frozen_ref)
+        )
+
+    def _replace_worker(self, i: int, why: str) -> None:
+        """A worker died or hung: kill what is left of it and start a new one in its slot. The new
+        one joins once it answers (on a lost node it may wait for resources: the others go on)."""
+        logger.warning("%s; replacing it", why)
+        ray.kill(self.workers[i], no_restart=True)
+        self.replaced[i] += 1
+        self.workers[i] = self._start_worker(i)
+        self._ready[i] = self.workers[i].info.remote()
+
+    def live_workers(self) -> list[int]:
+        """Indices of the workers that answer; waits (engine.start_timeout_s) when none does yet."""
+        done, _ = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
+        if not done:
+            done, _ = ray.wait(self._ready, num_returns=1, timeout=self.cfg.engine.start_timeout_s)
+        live = []
+        for i, ref in enumerate(self._ready):
+            if ref in done:
+                try:
+                    ray.get(ref)
+                    live.append(i)
+                except ray.exceptions.RayError:  # died while starting: try a fresh one
+                    self._replace_worker(i, f"worker {i} failed to start")
+        if not live:
+            raise ResourceError(
+                f"no client worker is alive or could be placed within engine.start_timeout_s={self.cfg.engine.start_timeout_s:g} s; "
+                f"see `ray status` for lost nodes and held resources"
+            )
+        return live
+
     def _wait_for_workers(self) -> list[dict[str, Any]]:
         """Ray's resources are logical: a worker that cannot be placed waits forever, so bound the wait."""
-        refs = [w.info.remote() for w in self.workers]
+        refs = self._ready
         timeout = self.cfg.engine.start_timeout_s
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:
@@ -132,6 +179,7 @@ class ServerActor:
             "num_clients": self.shards.num_clients,
             "synthetic": self.shards.synthetic,
             "pids": {"server": os.getpid(), "client_state": ray.get(self.store.pid.remote())},
+            "server_node": ray.get_runtime_context().get_node_id(),
             **({"decoder": self.decoder.info} if self.decoder else {}),
         }
 
@@ -140,45 +188,40 @@ class ServerActor:
     def run_round(self) -> dict[str, Any]:
         r = self.state.round + 1
         start = time.perf_counter()
-        sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction)
+        online = self.faults.online(r)
+        sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction, online)
         payload_ref = ray.put(self.method.broadcast(self.state))
-        if self.cfg.engine.mode == "dedicated":
-            chosen = set(sampled)
-            groups = [[c] if c in chosen else [] for c in range(len(self.workers))]
-        else:
-            groups = assign(sampled, {c: self.sizes[c][0] for c in sampled}, len(self.workers))
-        futures = [
-            self.workers[w].train.remote(r, payload_ref, group)
-            for w, group in enumerate(groups)
-            if group
-        ]
-        results = ray.get(futures)
+        merged, records, peaks = self._train_clients(r, payload_ref, sampled)
 
-        merged: WeightedMean = self.method.new_accumulator()
-        records: list[dict[str, Any]] = []
-        for result in results:
-            merged.merge(result["accumulator"])
-            records += result["records"]
-        if merged.count == 0:
-            reasons = "; ".join(f"client {x['client_id']}: {x['rejected']}" for x in records[:3])
-            raise ClientFailure(f"round {r}: every client update was rejected ({reasons}); lower clients.lr or check the data")
-        self.state = self.method.aggregate(self.state, merged)
+        accepted = [x for x in records if x["failed"] is None and x["rejected"] is None]
+        final = {x["client_id"]: x for x in records}  # each client's last try
+        if sampled and merged.count == 0:
+            reasons = "; ".join(f"client {x['client_id']}: {x['failed'] or x['rejected']}" for x in list(final.values())[:3])
+            raise ClientFailure(f"round {r}: every client update was rejected or lost ({reasons}); lower clients.lr or check the data and the faults settings")
+        if not sampled:
+            logger.warning("round %d: no client is online (clients.availability); the model stays as it was", r)
+        else:
+            self.state = self.method.aggregate(self.state, merged)
         self.state.round = r
         if self.decoder is not None:
             self.state = self.method.server_update(self.state, self.decoder, r)
         train_s = time.perf_counter() - start  # sampling -> aggregated model, evaluation excluded
 
-        accepted = [x for x in records if x["rejected"] is None]
         metrics: dict[str, float] = {
             "round": r,
+            "clients/online": len(online),
             "clients/sampled": len(sampled),
             "clients/aggregated": merged.count,
-            "clients/rejected": len(records) - merged.count,
-            "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])),
+            "clients/rejected": sum(1 for x in final.values() if x["failed"] is None and x["rejected"] is not None),
+            "clients/failed": sum(1 for x in final.values() if x["failed"] is not None),
+            "clients/retried": sum(1 for x in final.values() if x["attempt"] > 0),
+            "clients/late": sum(1 for x in final.values() if x["late"]),
+            "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])) if accepted else float("nan"),
             "comm/bytes_down": float(sum(x["bytes_down"] for x in records)),
             "comm/bytes_up": float(sum(x["bytes_up"] for x in records)),
-            "memory/worker_peak_rss_mb": max(x["peak_rss_mb"] for x in results),
+            "memory/worker_peak_rss_mb": max(peaks, default=float("nan")),
             "time/train_s": train_s,
+            **self.method.round_metrics(self.state, records),
         }
         evaluation: list[dict[str, Any]] = []
         self.samples = []
@@ -192,8 +235,62 @@ class ServerActor:
                 metrics.update(personal_metrics)
             metrics["time/eval_s"] = time.perf_counter() - eval_start
         metrics["time/round_s"] = time.perf_counter() - start
-        self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in records))
+        self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in accepted))
         return {"metrics": metrics, "clients": records, "evaluation": evaluation, "reports": self.samples}
+
+    def _train_clients(self, r: int, payload_ref: Any, sampled: list[int]) -> tuple[WeightedMean, list[dict[str, Any]], list[float]]:
+        """Train the round's clients over the live workers; failed ones are retried or dropped as
+        ``engine.on_client_failure`` says. Returns the merged aggregate, every try's record, and
+        the workers' peak memory."""
+        engine = self.cfg.engine
+        merged: WeightedMean = self.method.new_accumulator()
+        records: list[dict[str, Any]] = []
+        peaks: list[float] = []
+        todo, attempt = list(sampled), 0
+        while todo:
+            live = self.live_workers()
+            if engine.mode == "dedicated" and attempt == 0 and all(c in live for c in todo):
+                groups = {c: [c] for c in todo}
+            else:
+                parts = assign(todo, {c: self.sizes[c][0] for c in todo}, len(live))
+                groups = {w: g for w, g in zip(live, parts) if g}
+            failed = []
+            for result in self._dispatch(r, payload_ref, groups, attempt):
+                merged.merge(result["accumulator"])
+                records += result["records"]
+                peaks.append(result["peak_rss_mb"])
+                failed += [x["client_id"] for x in result["records"] if x["failed"] is not None]
+            retry = engine.on_client_failure == "retry" and attempt < engine.client_retries
+            todo, attempt = (sorted(failed), attempt + 1) if retry else ([], attempt)
+        return merged, records, peaks
+
+    def _dispatch(self, r: int, payload_ref: Any, groups: dict[int, list[int]], attempt: int) -> list[dict[str, Any]]:
+        """One training call per worker; a worker that dies or exceeds engine.worker_timeout_s is
+        replaced, and its clients come back as failed records (or stop the run under policy stop)."""
+        calls = {self.workers[w].train.remote(r, payload_ref, g, attempt): (w, g) for w, g in groups.items()}
+        timeout = self.cfg.engine.worker_timeout_s
+        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
+        results = []
+        for ref, (w, clients) in calls.items():  # in worker order: the merged sums do not depend on who finished first
+            if ref not in done:
+                results.append(self._lost(w, clients, r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s"))
+                continue
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
+                results.append(self._lost(w, clients, r, attempt, f"worker {w} died ({type(exc).__name__})"))
+        return results
+
+    def _lost(self, w: int, clients: list[int], r: int, attempt: int, why: str) -> dict[str, Any]:
+        if self.cfg.engine.on_client_failure == "stop":
+            raise ClientFailure(f"round {r}: {why} while training clients {clients}; set engine.on_client_failure=retry or drop to go on without them")
+        self._replace_worker(w, why)
+        records = []
+        for c in clients:
+            record = client_record(r, c, self.shards.client(c), w, attempt, c in self.faults.byzantine)
+            record["failed"] = why
+            records.append(record)
+        return {"accumulator": self.method.new_accumulator(), "records": records, "peak_rss_mb": float("nan")}
 
     # ---- evaluation
 
@@ -206,14 +303,15 @@ class ServerActor:
             sizes = {flag: len(self.shards.test(flag)) for flag in self.shards.tasks}
             parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)
         else:
-            chunks: list[list[tuple[str, int, int]]] = [[] for _ in self.workers]
+            workers = [self.workers[i] for i in self.live_workers()]
+            chunks: list[list[tuple[str, int, int]]] = [[] for _ in workers]
             for flag in self.shards.tasks:
                 n = len(self.shards.test(flag))
-                step = math.ceil(n / len(self.workers))
+                step = math.ceil(n / len(workers))
                 for i, start in enumerate(range(0, n, step)):
-                    chunks[i % len(self.workers)].append((flag, start, min(start + step, n)))
+                    chunks[i % len(workers)].append((flag, start, min(start + step, n)))
             ref = ray.put(weights)
-            parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(self.workers, chunks) if c]), [])
+            parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(workers, chunks) if c]), [])
         parts.sort(key=lambda p: (p[0], p[1]))  # (dataset, first row): chunks back in test-split order
         out: dict[str, float] = {}
         for flag, task in self.shards.tasks.items():
@@ -235,9 +333,10 @@ class ServerActor:
 
     def evaluate_personalised(self, r: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         clients = sorted(self.sizes)
-        groups = assign(clients, {c: self.sizes[c][1] for c in clients}, len(self.workers))
+        workers = [self.workers[i] for i in self.live_workers()]
+        groups = assign(clients, {c: self.sizes[c][1] for c in clients}, len(workers))
         ref = ray.put(self.method.broadcast(self.state))
-        futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(self.workers, groups) if g]
+        futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(workers, groups) if g]
         parts = sum(ray.get(futures), [])
         rows, pooled = [], {}
         for part in parts:

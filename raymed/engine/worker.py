@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,11 @@ import ray
 import torch
 
 from raymed.config import validate_config
-from raymed.data.shards import ShardSet, Split
+from raymed.data.shards import ClientShard, ShardSet, Split
+from raymed.engine.faults import FaultPlan
 from raymed.engine.telemetry import Telemetry
 from raymed.errors import ClientFailure, RaymedError, ResourceError
-from raymed.methods import ClientContext, Weights, build_method
+from raymed.methods import ClientContext, ClientUpdate, Weights, build_method
 from raymed.methods.base import load_weights, nbytes
 
 logger = logging.getLogger("raymed.worker")
@@ -67,6 +69,7 @@ class ClientWorker:
         self.model = model.to(self.device)
         self.initial_weights = float_state(self.model)
         self.checked_fit = False
+        self.faults = FaultPlan(self.cfg)
 
     def info(self) -> dict[str, Any]:
         context = ray.get_runtime_context()
@@ -85,38 +88,53 @@ class ClientWorker:
             device=self.device,
             initial_weights=self.initial_weights,
             state=state,
+            label_transform=self.faults.label_transform(client_id),
         )
 
-    def train(self, round_: int, payload: Weights, client_ids: list[int]) -> dict[str, Any]:
-        """Train ``client_ids`` from ``payload``; return one partial aggregate and per-client records."""
+    def train(self, round_: int, payload: Weights, client_ids: list[int], attempt: int = 0) -> dict[str, Any]:
+        """Train ``client_ids`` from ``payload``; return one partial aggregate and per-client records.
+
+        A client whose training raises is recorded as failed and the others go on (unless
+        ``engine.on_client_failure`` is stop); a late client (``engine.client_deadline_s``) is dropped
+        or down-weighted; an update that is not finite or has the wrong shape is never aggregated.
+        """
         accumulator = self.method.new_accumulator()
         records, states = [], {}
         down = nbytes(payload)
+        engine = self.cfg.engine
         self.telemetry.set("raymed_round_clients_finished", 0, worker=str(self.index))
         reported = time.monotonic()
-        for ctx, update, took in self._local_training(round_, payload, client_ids):
+        for ctx, update, took, failure in self._local_training(round_, payload, client_ids, attempt):
             client_id = ctx.client_id
+            record = client_record(round_, client_id, ctx.shard, self.index, attempt, client_id in self.faults.byzantine)
+            records.append(record)
+            if failure is not None:
+                record["failed"] = failure
+                continue
+            update = replace(update, delta=self.faults.poison(update.delta, client_id, round_))
+            took += self.faults.delay_s(client_id, round_)
+            record.update(
+                train_loss=update.metrics.get("train_loss", float("nan")),
+                bytes_down=down,
+                bytes_up=update.nbytes,
+                time_s=took,
+                **{k: float(v) for k, v in update.metrics.items() if k != "train_loss"},
+            )
             problem = update.problem(payload)
+            deadline = engine.client_deadline_s
+            if deadline is not None and took > deadline:
+                record["late"] = True
+                if problem is None and engine.late_updates == "drop":
+                    problem = f"late: {took:.2f} s > engine.client_deadline_s={deadline:g}"
+                else:  # down-weighted by how far past the deadline it came
+                    update = replace(update, weight=update.weight * deadline / took)
             if problem is not None:
-                logger.warning("round %d: update of client %d rejected, not aggregated: %s", round_, client_id, problem)
+                record["rejected"] = problem
+                logger.warning("round %d: update of client %d not aggregated: %s", round_, client_id, problem)
             else:
                 accumulator.add(update)
                 if update.state is not None:
                     states[client_id] = update.state
-            records.append(
-                {
-                    "round": round_,
-                    "client_id": client_id,
-                    "datasets": ",".join(ctx.shard.datasets),
-                    "worker": self.index,
-                    "num_train": ctx.num_train,
-                    "train_loss": update.metrics.get("train_loss", float("nan")),
-                    "bytes_down": down,
-                    "bytes_up": update.nbytes,
-                    "time_s": took,
-                    "rejected": problem,
-                }
-            )
             if time.monotonic() - reported > _PROGRESS_EVERY_S:
                 self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
                 reported = time.monotonic()
@@ -127,31 +145,52 @@ class ClientWorker:
             self._check_gpu_fit()
         return {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb()}
 
-    def _local_training(self, round_: int, payload: Weights, client_ids: list[int]):
-        """Yield (context, update, seconds) per client: one at a time, or all together when vectorised."""
+    def _local_training(self, round_: int, payload: Weights, client_ids: list[int], attempt: int):
+        """Yield (context, update, seconds, failure) per client: one at a time, or all together when
+        vectorised; ``failure`` is why the client's training raised (its update is then None)."""
         saved = ray.get(self.state_store.get_many.remote(client_ids))
         if self.cfg.engine.vectorise:
             start = time.perf_counter()
             ctxs = [self._context(c, round_, state) for c, state in zip(client_ids, saved)]
-            updates = self._guard(lambda: self.method.client_updates(ctxs, payload), client_ids, round_)
+            updates, failure = self._guard(lambda: self._train_many(ctxs, payload, attempt), client_ids, round_)
             took = (time.perf_counter() - start) / max(len(ctxs), 1)
-            yield from ((ctx, update, took) for ctx, update in zip(ctxs, updates))
+            yield from ((ctx, update, took, failure) for ctx, update in zip(ctxs, updates or [None] * len(ctxs)))
             return
         for client_id, state in zip(client_ids, saved):
             start = time.perf_counter()
             ctx = self._context(client_id, round_, state)
-            update = self._guard(lambda: self.method.client_update(ctx, payload), [client_id], round_)
-            yield ctx, update, time.perf_counter() - start
+            update, failure = self._guard(lambda: self._train_one(ctx, payload, attempt), [client_id], round_)
+            yield ctx, update, time.perf_counter() - start, failure
+
+    def _train_one(self, ctx: ClientContext, payload: Weights, attempt: int) -> ClientUpdate:
+        self.faults.maybe_crash(ctx.client_id, ctx.round, attempt)
+        torch.manual_seed(client_seed(self.cfg.seed, ctx.round, ctx.client_id))  # dropout etc.: same wherever it runs
+        return self.method.client_update(ctx, payload)
+
+    def _train_many(self, ctxs: list[ClientContext], payload: Weights, attempt: int) -> list[ClientUpdate]:
+        for ctx in ctxs:
+            self.faults.maybe_crash(ctx.client_id, ctx.round, attempt)
+        if ctxs:
+            torch.manual_seed(client_seed(self.cfg.seed, ctxs[0].round, ctxs[0].client_id))
+        return self.method.client_updates(ctxs, payload)
 
     def _guard(self, train, client_ids: list[int], round_: int):
-        """Run local training; a client's crash becomes one line naming the client(s), round and worker."""
+        """Run local training: (result, None), or (None, why) when it raised. Under
+        ``engine.on_client_failure=stop`` a crash stops the run instead, as one line naming the
+        client(s), round and worker."""
         try:
-            return train()
+            return train(), None
         except RaymedError:
             raise
         except Exception as exc:
             who = f"client {client_ids[0]}" if len(client_ids) == 1 else f"one of clients {client_ids}"
-            raise ClientFailure(f"{who} failed in round {round_} on worker {self.index}: {type(exc).__name__}: {exc}") from exc
+            why = f"{type(exc).__name__}: {exc}"
+            if self.cfg.engine.on_client_failure == "stop":
+                raise ClientFailure(
+                    f"{who} failed in round {round_} on worker {self.index}: {why}; set engine.on_client_failure=retry or drop to go on without it"
+                ) from exc
+            logger.warning("round %d: %s failed on worker %d: %s", round_, who, self.index, why)
+            return None, why
 
     def _check_gpu_fit(self) -> None:
         """Ray's GPU fractions are logical: refuse a layout whose clients cannot fit on one GPU together."""
@@ -198,6 +237,31 @@ class ClientWorker:
         load_weights(self.model, self.initial_weights)  # anything the method leaves out is the seeded init
         load_weights(self.model, weights)
         return [(flag, start, self._scores(flag, self.shards.test(flag)[start:stop])) for flag, start, stop in chunks]
+
+
+def client_seed(seed: int, round_: int, client_id: int) -> int:
+    """The torch seed of one client's local training in one round."""
+    return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0])
+
+
+def client_record(round_: int, client_id: int, shard: ClientShard, worker: int, attempt: int, byzantine: bool) -> dict[str, Any]:
+    """One client's row of a round's client table, before (or without) its training."""
+    return {
+        "round": round_,
+        "client_id": client_id,
+        "datasets": ",".join(shard.datasets),
+        "worker": worker,
+        "attempt": attempt,
+        "num_train": shard.num_train,
+        "train_loss": float("nan"),
+        "bytes_down": 0,
+        "bytes_up": 0,
+        "time_s": float("nan"),
+        "byzantine": byzantine,
+        "failed": None,  # why its training raised or its worker was lost
+        "rejected": None,  # why its update was not aggregated (not finite, wrong shape, late)
+        "late": False,
+    }
 
 
 def _peak_rss_mb() -> float:

@@ -137,6 +137,8 @@ class ClientContext:
     device: torch.device
     initial_weights: Weights  # the seeded initialisation, identical on the server and every worker
     state: dict[str, np.ndarray] | None = None
+    # Simulated data poisoning (a label-flipping Byzantine client): applied to its training labels.
+    label_transform: Callable[[TaskSpec, np.ndarray], np.ndarray] | None = None
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
@@ -179,8 +181,14 @@ class ClientContext:
         """The client's (input, target) per dataset for ``split``, on the device; built once per context."""
         if split not in self._tensors:
             parts: dict[str, Split] = getattr(self.shard, split)
+            poison = self.label_transform if split == "train" else None
             self._tensors[split] = {
-                flag: self.tasks[flag].inputs(np.array(part.images), np.array(part.labels), self.model.in_channels, self.device)
+                flag: self.tasks[flag].inputs(
+                    np.array(part.images),
+                    poison(self.tasks[flag], np.array(part.labels)) if poison else np.array(part.labels),
+                    self.model.in_channels,
+                    self.device,
+                )
                 for flag, part in parts.items()
                 if len(part)
             }
@@ -307,6 +315,11 @@ class Method(ABC):
         """After aggregation, for methods with a server model (``server`` is the engine's
         :class:`~raymed.engine.decoder.DecoderGroup`): e.g. FedKIM's injection and central training."""
         return state
+
+    def round_metrics(self, state: ServerState, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics the method adds to a round's row, from the new state and the round's per-client
+        records (which carry each update's ``metrics``): e.g. DP-FedAvg's privacy spent."""
+        return {}
 
     def evaluate_server_model(self, server: Any) -> dict[str, float]:
         """Metrics of the server's own model, when the method has one (FedKIM's central model)."""

@@ -9,6 +9,8 @@
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
     summary.json             status (completed / failed: why / interrupted), final metrics, wall time
+    federation.pkl           the checkpoint (every engine.checkpoint_every rounds): server state,
+                             clients' persistent state, metrics so far; `raymed run --resume DIR`
     model.safetensors        the server's weights when the run ends (with the backbone's name, the
                              tasks and the strategy as metadata: :mod:`raymed.models.pretrained`)
 
@@ -37,6 +39,14 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a table; a column with no value this round (no client failed) is typed as text, so
+    the rounds' files still read as one dataset."""
+    table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+    schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema])
+    return table.cast(schema)
 
 
 def _atomic_json(data: Any, path: Path) -> None:
@@ -72,6 +82,21 @@ class RunWriter:
         }
         _atomic_json(self.meta, folder / "meta.json")
 
+    @classmethod
+    def reopen(cls, cfg: ExperimentConfig, folder: str | Path, meta: dict[str, Any]) -> RunWriter:
+        """The writer of an existing run folder, to resume it: its config (rounds may have grown)
+        and meta are rewritten, its finished rounds come from the checkpoint (:meth:`restore_rounds`)."""
+        self = cls.__new__(cls)
+        self.dir = Path(folder)
+        self.started = time.time()
+        self.rounds = []
+        save_config(cfg, self.dir / "config.yaml")
+        old = json.loads((self.dir / "meta.json").read_text()) if (self.dir / "meta.json").is_file() else {}
+        resumed = [*old.get("resumed", []), datetime.now().isoformat(timespec="seconds")]
+        self.meta = {**old, **meta, "resumed": resumed}
+        _atomic_json(self.meta, self.dir / "meta.json")
+        return self
+
     @property
     def name(self) -> str:
         return self.dir.name
@@ -88,8 +113,7 @@ class RunWriter:
         for part in ("clients", "evaluation"):
             if result.get(part):
                 (self.dir / part).mkdir(exist_ok=True)
-                table = pa.Table.from_pandas(pd.DataFrame(result[part]), preserve_index=False)
-                _atomic_parquet(table, self.dir / part / f"round-{r:04d}.parquet")
+                _atomic_parquet(_table(result[part]), self.dir / part / f"round-{r:04d}.parquet")
         if result.get("reports"):
             (self.dir / "reports").mkdir(exist_ok=True)
             path = self.dir / "reports" / f"round-{r:04d}.jsonl"

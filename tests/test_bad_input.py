@@ -1,0 +1,122 @@
+"""Bad input, as a user types it: every case ends in one line naming what is wrong and what to do,
+exit status 2, no traceback, and no result folder (or, for a run folder being resumed, nothing in
+it changed)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from raymed.cli import main
+from tests.conftest import small_config
+
+
+@dataclass
+class Case:
+    args: list[str]  # after `raymed`; {cfg}, {tmp}, {data} are filled in
+    needles: tuple[str, ...]
+    setup: str | None = None  # what to write first (see _prepare)
+    env_data: str | None = None  # RAYMED_DATA_DIR for this case ({tmp}: an empty folder)
+
+
+RUN = ["run", "{cfg}"]
+CASES = {
+    "malformed_yaml": Case(["run", "{tmp}/broken.yaml"], ("not valid YAML at line",), setup="broken_yaml"),
+    "yaml_not_a_mapping": Case(["run", "{tmp}/list.yaml"], ("must hold a mapping of config keys, got a list",), setup="list_yaml"),
+    "missing_config_file": Case(["run", "{tmp}/absent.yaml"], ("does not exist", "one of raymed's: default")),
+    "unknown_key": Case([*RUN, "--set", "clients.fration=0.5"], ("unknown key clients.fration", "did you mean clients.fraction?")),
+    "unknown_section": Case([*RUN, "--set", "optimiser.lr=0.1"], ("unknown key optimiser", "allowed keys here")),
+    "wrong_type": Case([*RUN, "--set", "rounds=ten"], ("rounds: got 'ten'", "valid integer")),
+    "out_of_range": Case([*RUN, "--set", "clients.fraction=1.5"], ("clients.fraction: got 1.5", "less than or equal to 1")),
+    "no_rounds": Case([*RUN, "--set", "rounds=0"], ("rounds: got 0", "greater than or equal to 1")),
+    "unknown_strategy": Case([*RUN, "--set", "strategy.name=fedbest"], ("strategy.name: got 'fedbest'", "allowed: ")),
+    "param_of_another_strategy": Case([*RUN, "--set", "strategy.mu=0.1"], ("unknown key strategy.mu",)),
+    "unknown_dataset": Case([*RUN, "--set", "data.datasets=[pneumonia]"], ("unknown dataset 'pneumonia'", "did you mean pneumoniamnist?")),
+    "unknown_model": Case([*RUN, "--set", "model.name=vit_huge"], ("model.name: got 'vit_huge'", "allowed: ")),
+    "set_without_value": Case([*RUN, "--set", "rounds"], ("is not of the form key.path=value",)),
+    "set_into_a_value": Case([*RUN, "--set", "rounds.max=3"], ("'rounds' holds a value, not a section",)),
+    "missing_data_file": Case([*RUN, "--set", "data.root={tmp}/empty"], ("pneumoniamnist.npz not found", "RAYMED_DATA_DIR"), setup="empty_dir", env_data="{tmp}/empty"),
+    "truncated_data_file": Case([*RUN, "--set", "data.root={tmp}/bad"], ("pneumoniamnist.npz is corrupt",), setup="truncated", env_data="{tmp}/empty"),
+    "foreign_npz_under_the_name": Case([*RUN, "--set", "data.root={tmp}/bad"], ("pneumoniamnist.npz is corrupt",), setup="foreign_npz", env_data="{tmp}/empty"),
+    "corrupt_file_in_embedded_default": Case(["run", "--set", "data.root={tmp}/bad", "--set", "output_dir={tmp}/results"], ("pneumoniamnist.npz is corrupt",), setup="truncated", env_data="{tmp}/empty"),
+    "more_clients_than_samples": Case([*RUN, "--set", "clients.num=5000"], ("5000 clients need at least", "lower clients.num")),
+    "empty_partitions": Case([*RUN, "--set", "data.min_examples=400"], ("need at least", "data.min_examples=400")),
+    "zero_participation": Case([*RUN, "--set", "clients.availability=0"], ("clients.availability: got 0", "greater than 0")),
+    "trace_with_nobody_online": Case([*RUN, "--set", "clients.availability_trace={tmp}/trace.csv"], ("none online in rounds 1..2",), setup="empty_trace"),
+    "missing_trace": Case([*RUN, "--set", "clients.availability_trace={tmp}/nope.csv"], ("clients.availability_trace", "does not exist")),
+    "fault_on_a_client_that_does_not_exist": Case([*RUN, "--set", "faults.crash.clients=[99]"], ("faults.crash.clients lists client(s) [99]", "0..5")),
+    "label_flip_without_labels": Case(
+        [*RUN, "--set", "data.task=superresolution", "--set", "faults.byzantine.fraction=0.3", "--set", "faults.byzantine.attack=label_flip"],
+        ("label_flip needs class labels",),
+    ),
+    "unknown_failure_policy": Case([*RUN, "--set", "engine.on_client_failure=ignore"], ("engine.on_client_failure: got 'ignore'", "'retry', 'drop' or 'stop'")),
+    "resume_a_folder_without_a_run": Case(["run", "--resume", "{tmp}/empty"], ("holds no config.yaml",), setup="empty_dir"),
+    "resume_without_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("holds no federation.pkl", "engine.checkpoint_every"), setup="run_folder"),
+    "resume_corrupt_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("federation.pkl", "is corrupt"), setup="corrupt_checkpoint"),
+    "resume_and_a_config": Case(["run", "{cfg}", "--resume", "{tmp}/run"], ("either a CONFIG or --resume",), setup="run_folder"),
+    "resume_changing_the_config": Case(["run", "--resume", "{tmp}/run", "--set", "clients.lr=1"], ("a resumed run keeps its config", "only rounds and ray.*"), setup="checkpoint"),
+    "resume_a_finished_run": Case(["run", "--resume", "{tmp}/run"], ("already finished round 2 of rounds=2", "--set rounds=N"), setup="checkpoint"),
+    "report_of_a_non_run": Case(["report", "{tmp}"], ("holds no rounds.parquet",)),
+}
+
+
+def _prepare(kind: str | None, tmp: Path, data_dir: Path, cfg_path: Path) -> None:
+    (tmp / "empty").mkdir(exist_ok=True)
+    if kind == "broken_yaml":
+        (tmp / "broken.yaml").write_text("rounds: [2\nclients: {num: 4}\n")
+    elif kind == "list_yaml":
+        (tmp / "list.yaml").write_text("- rounds\n- 2\n")
+    elif kind in ("truncated", "foreign_npz"):
+        (tmp / "bad").mkdir()
+        target = tmp / "bad" / "pneumoniamnist.npz"
+        if kind == "truncated":
+            target.write_bytes((data_dir / "pneumoniamnist.npz").read_bytes()[:20000])
+        else:
+            np.savez(target, images=np.zeros((3, 28, 28), np.uint8))
+        shutil.copy(data_dir / "breastmnist.npz", tmp / "bad")
+    elif kind == "empty_trace":
+        (tmp / "trace.csv").write_text("client_id,round\n" + "".join(f"{c},9\n" for c in range(6)))
+    elif kind in ("run_folder", "corrupt_checkpoint", "checkpoint"):
+        run = tmp / "run"
+        run.mkdir()
+        shutil.copy(cfg_path, run / "config.yaml")
+        if kind == "corrupt_checkpoint":
+            (run / "federation.pkl").write_bytes(b"\x80\x05not a checkpoint")
+        if kind == "checkpoint":
+            from raymed.methods import ServerState
+
+            (run / "federation.pkl").write_bytes(pickle.dumps({"server": ServerState(weights={}, round=2), "clients": {}, "rounds": []}))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_2(name, data_dir, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    cfg = small_config(data_dir, tmp_path).to_dict()
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _prepare(case.setup, tmp_path, data_dir, cfg_path)
+    fill = lambda s: s.format(cfg=cfg_path, tmp=tmp_path, data=data_dir)  # noqa: E731
+    monkeypatch.delenv("RAYMED_DEBUG", raising=False)
+    if case.env_data:
+        monkeypatch.setenv("RAYMED_DATA_DIR", fill(case.env_data))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    status = main([fill(a) for a in case.args])
+
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert status == 2, (status, out.out[-2000:], out.err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("raymed: "), out.err
+    assert "Traceback" not in out.out + out.err
+    for needle in case.needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not (tmp_path / "results").exists()  # refused before any run folder was made
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p in before} == before  # nothing it was given was touched
+
