@@ -130,6 +130,9 @@ def test_bad_parameters_are_refused_in_one_line(data_dir, tmp_path):
         with pytest.raises(ConfigError) as info:
             small_config(data_dir, tmp_path, "strategy.name=dpfedavg", bad)
         assert "\n" not in str(info.value) and bad.split("=")[0] in str(info.value)
+    with pytest.raises(ConfigError, match="resnet18 adds residuals in place"):  # Opacus's hooks forbid it
+        small_config(data_dir, tmp_path, "strategy.name=dpfedavg", "model.name=resnet18", "strategy.local_noise_multiplier=1")
+    small_config(data_dir, tmp_path, "strategy.name=dpfedavg", "model.name=resnet18")  # client-level DP alone: fine
 
 
 def test_local_dp_sgd_clips_per_example_gradients_through_opacus(data_dir, tmp_path):

@@ -63,7 +63,9 @@ halves, with or without local DP-SGD: per-sample gradients are undefined under B
 examples of a batch), and noised running variances could turn negative. In-place activations are made
 out-of-place (Opacus's backward hooks forbid in-place changes of a hooked module's output). The
 backbones ``cnn``/``cnn_large`` have no BatchNorm and keep their weights; ``resnet18`` becomes a
-GroupNorm ResNet. Report generation is not supported.
+GroupNorm ResNet. Local DP-SGD is refused on ``resnet18``: its residual blocks add in place
+(``out += identity``) to a hooked layer's output, which Opacus's backward hooks forbid; client-level
+DP works with it. Report generation is not supported.
 
 ``seed``, ``clients_per_round`` and ``num_clients`` are filled in from the experiment by
 :meth:`DPFedAvg.prepare` (the saved config holds them); a value given that disagrees with the
@@ -98,6 +100,9 @@ from raymed.methods.fedavg import FedAvg, FedAvgParams
 from raymed.methods.vectorised import local_sgd_many, subtract
 from raymed.models import FedModel
 
+# Backbones local DP-SGD is tested on: Opacus's backward hooks forbid in-place changes of a hooked
+# layer's output, which torchvision's residual blocks make (``out += identity``).
+LOCAL_DP_MODELS = ("cnn", "cnn_large")
 NOISE_SALT = 0xD9F  # separates the server's noise stream from the other (seed, round) streams
 STATE_PREFIX = "dpsgd/"  # client state keys: dpsgd/<dataset> -> rows (σ, q, steps)
 
@@ -230,6 +235,7 @@ def dp_sgd(ctx: ClientContext, noise_multiplier: float, max_grad_norm: float) ->
     wrapped = GradSampleModule(model, loss_reduction="mean")
     total, steps = torch.zeros((), device=ctx.device), 0
     try:
+        # The noise comes from torch's global generator, which the worker seeds per (seed, round, client).
         optimizer = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="mean")
         tensors = ctx.tensors("train")
         for flag, rows in plan:
@@ -253,7 +259,7 @@ def dp_sgd(ctx: ClientContext, noise_multiplier: float, max_grad_norm: float) ->
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             optimizer.step()
     finally:
-        wrapped._close()  # hooks and grad_sample off the worker's shared model
+        wrapped.to_standard_module()  # Opacus's hooks and attributes off the worker's shared model
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
             for attr in ("summed_grad", "grad_sample", "_forward_counter"):
@@ -294,6 +300,11 @@ class DPFedAvg(FedAvg):
     def check_config(self, cfg: ExperimentConfig) -> None:
         if cfg.data.task == "report":
             raise ConfigError("strategy dpfedavg does not support report generation (data.task=report); use classification or superresolution")
+        if self.params.local_noise_multiplier > 0 and cfg.model.name not in LOCAL_DP_MODELS:
+            raise ConfigError(
+                f"strategy.local_noise_multiplier: local DP-SGD (Opacus per-example gradients) runs on model.name {' or '.join(LOCAL_DP_MODELS)}; "
+                f"{cfg.model.name} adds residuals in place, which Opacus's hooks forbid (client-level DP alone works with it)"
+            )
         given = self.params.model_dump()
         for key, value in resolved_values(cfg).items():
             if given[key] is not None and given[key] != value:
