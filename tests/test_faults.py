@@ -112,10 +112,8 @@ def test_a_killed_worker_does_not_lose_the_run(data_dir, tmp_path, ray_session):
 
 
 def test_a_hung_worker_times_out_and_its_clients_are_dropped(data_dir, tmp_path, ray_session):
-    cfg = small_config(
-        data_dir, tmp_path, "faults.crash.clients=[0]", "faults.crash.kind=hang", "faults.crash.rounds=[1]",
-        "engine.worker_timeout_s=15", "engine.on_client_failure=drop", "engine.num_workers=2", *ALL_CLIENTS,
-    )  # fmt: skip
+    hang = ("faults.crash.clients=[0]", "faults.crash.kind=hang", "faults.crash.rounds=[1]", "engine.worker_timeout_s=15")
+    cfg = small_config(data_dir, tmp_path, *hang, "engine.on_client_failure=drop", "engine.num_workers=2", *ALL_CLIENTS)
     run_dir = run_experiment(cfg)
     rows = _clients(run_dir)
     hung = rows[(rows["round"] == 1) & rows["failed"].notna()]
