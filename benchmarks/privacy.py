@@ -103,7 +103,7 @@ class Bench(PaperBench):
         final = final_metrics(run)
         clients = cfg.clients
         record = {"section": section, "row": key, "label": label, "seed": cfg.seed, "overrides": [*overrides, *self.tail],
-                  "clients": clients.num, "clients_per_round": max(1, round(clients.fraction * clients.num)), "rounds": cfg.rounds,
+                  "clients": clients.num, "clients_per_round": clients.per_round, "rounds": cfg.rounds,
                   "acc": number(final.get("global/mean/acc")), "epsilon": epsilon_value(final.get("privacy/epsilon")),
                   "local_epsilon_max": epsilon_value(final.get("privacy/local_epsilon_max")),
                   "clipped_fraction": number(run["rounds"]["privacy/clipped_fraction"].mean()) if "privacy/clipped_fraction" in run["rounds"] else None,

@@ -56,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _run_one(cfg, quiet: bool, resume: tuple[str, list[str]] | None = None) -> Path:
+def _run_one(cfg, quiet: bool, resume=None) -> Path:
+    """One run with a progress bar; ``resume``: a :class:`~raymed.engine.federation.ResumePoint` to continue."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from raymed.engine import resume_experiment, run_experiment
+    from raymed.engine import run_experiment
 
     with Progress(
         TextColumn(f"[bold]{cfg.strategy.name}[/bold]"),
@@ -90,7 +91,7 @@ def _run_one(cfg, quiet: bool, resume: tuple[str, list[str]] | None = None) -> P
             progress.update(task, advance=1, status=" · ".join(shown))
 
         if resume is not None:
-            return resume_experiment(resume[0], resume[1], on_round=on_round, on_start=on_start)
+            return resume.run(on_round=on_round, on_start=on_start)
         return run_experiment(cfg, on_round=on_round, on_start=on_start)
 
 
@@ -134,10 +135,10 @@ def cmd_run(args) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("give either a CONFIG or --resume RUN_DIR, not both (the run folder holds its config)")
-        from raymed.engine.federation import resumed_config
+        from raymed.engine.federation import ResumePoint
 
-        cfg = resumed_config(args.resume, overrides)
-        run_dirs = [_run_one(cfg, args.quiet, resume=(args.resume, overrides))]
+        point = ResumePoint.load(args.resume, overrides)
+        run_dirs = [_run_one(point.cfg, args.quiet, resume=point)]
     else:
         configs = [load_config(args.config, overrides)] if args.config else _embedded_default(overrides)
         run_dirs = [_run_one(cfg, args.quiet) for cfg in configs]

@@ -136,6 +136,16 @@ class ClientsConfig(Section):
     availability: float = Field(1.0, gt=0, le=1)
     availability_trace: str | None = None
 
+    @property
+    def per_round(self) -> int:
+        """Clients sampled per round (fewer when fewer are online)."""
+        return clients_per_round(self.num, self.fraction)
+
+
+def clients_per_round(num: int, fraction: float) -> int:
+    """max(1, round(fraction·num)): the clients of a round, as the server samples them."""
+    return max(1, round(fraction * num))
+
 
 class DecoderConfig(Section):
     """The report decoder (report-generation runs only): a causal LM from ``transformers``."""

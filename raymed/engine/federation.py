@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,10 @@ class Federation:
         tmp.replace(path)
         return path
 
-    def restore(self, folder: str | Path) -> int:
-        """Continue from a checkpoint written by :meth:`checkpoint`; returns its round."""
-        saved = read_checkpoint(folder)
+    def restore(self, folder: str | Path | dict[str, Any]) -> int:
+        """Continue from a checkpoint written by :meth:`checkpoint` (its folder, or the checkpoint as
+        :func:`read_checkpoint` returns it); returns its round."""
+        saved = folder if isinstance(folder, dict) else read_checkpoint(folder)
         store = ray.get(self.server.client_state_store.remote())
         ray.get([self.server.set_state.remote(saved["server"]), store.replace_all.remote(saved["clients"])])
         self.writer.restore_rounds(saved["rounds"])
@@ -201,38 +203,49 @@ def resume_experiment(
 ) -> Path:
     """Continue the run in ``run_dir`` from its checkpoint, in the same folder, to its last round
     (``--set rounds=N`` extends it); returns the folder."""
-    cfg = resumed_config(run_dir, overrides)
-    return _drive(Federation(cfg, resume=run_dir), on_round, on_start, restore_from=Path(run_dir))
+    return ResumePoint.load(run_dir, overrides).run(on_round, on_start)
 
 
-def resumed_config(run_dir: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """The config a resumed run continues with: the folder's own, with only rounds and ray.* changed."""
-    from raymed.config import apply_overrides, load_yaml, validate_config
+@dataclass
+class ResumePoint:
+    """A stopped run to continue: its folder, the config it continues with, its checkpoint."""
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir} holds no config.yaml; give the folder of a raymed run to resume")
-    for item in overrides or []:
-        if not item.partition("=")[0].strip().startswith(RESUMABLE_KEYS):
-            raise ConfigError(f"--set {item}: a resumed run keeps its config; only rounds and ray.* may change (rerun from the start to change the rest)")
-    saved = read_checkpoint(run_dir)
-    cfg = validate_config(apply_overrides(load_yaml(run_dir / "config.yaml"), list(overrides or [])))
-    if saved["server"].round >= cfg.rounds:
-        raise ConfigError(f"{run_dir} already finished round {saved['server'].round} of rounds={cfg.rounds}; --set rounds=N with a larger N to go on")
-    return cfg
+    run_dir: Path
+    cfg: ExperimentConfig
+    saved: dict[str, Any]
+
+    @classmethod
+    def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> ResumePoint:
+        """The folder's own config, with only rounds and ray.* changed, and its checkpoint (read once)."""
+        from raymed.config import apply_overrides, load_yaml, validate_config
+
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise DataError(f"{run_dir} holds no config.yaml; give the folder of a raymed run to resume")
+        for item in overrides or []:
+            if not item.partition("=")[0].strip().startswith(RESUMABLE_KEYS):
+                raise ConfigError(f"--set {item}: a resumed run keeps its config; only rounds and ray.* may change (rerun from the start to change the rest)")
+        saved = read_checkpoint(run_dir)
+        cfg = validate_config(apply_overrides(load_yaml(run_dir / "config.yaml"), list(overrides or [])))
+        if saved["server"].round >= cfg.rounds:
+            raise ConfigError(f"{run_dir} already finished round {saved['server'].round} of rounds={cfg.rounds}; --set rounds=N with a larger N to go on")
+        return cls(run_dir, cfg, saved)
+
+    def run(self, on_round: RoundCallback | None = None, on_start: Callable[[dict[str, Any]], None] | None = None) -> Path:
+        return _drive(Federation(self.cfg, resume=self.run_dir), on_round, on_start, restore=self.saved)
 
 
 def _drive(
     federation: Federation,
     on_round: RoundCallback | None,
     on_start: Callable[[dict[str, Any]], None] | None,
-    restore_from: Path | None = None,
+    restore: dict[str, Any] | None = None,
 ) -> Path:
     cfg = federation.cfg
     with federation:
         info = federation.start()
-        if restore_from is not None:
-            info["resumed_from_round"] = federation.restore(restore_from)
+        if restore is not None:
+            info["resumed_from_round"] = federation.restore(restore)
         if on_start:
             on_start(info)
         while federation.round < cfg.rounds:

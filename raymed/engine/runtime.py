@@ -55,10 +55,6 @@ def init_ray(cfg: RayConfig) -> str | None:
     return f"http://{url}" if url else None
 
 
-def clients_per_round(cfg: ExperimentConfig) -> int:
-    return max(1, round(cfg.clients.fraction * cfg.clients.num))
-
-
 def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
     """Number of client worker actors: what fits in the cluster, and no more than a round can use.
 
@@ -102,7 +98,7 @@ def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
                 + f" but only {fit} fit; lower engine.num_workers or use 'auto'"
             )
         return want
-    return max(1, min(fit, memory_fit, clients_per_round(cfg)))
+    return max(1, min(fit, memory_fit, cfg.clients.per_round))
 
 
 # ---------------------------------------------------------------------------------------------------

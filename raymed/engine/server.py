@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymed.config import validate_config
+from raymed.config import clients_per_round, validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.faults import FaultPlan
@@ -42,7 +42,7 @@ def sample_clients(seed: int, round_: int, num_clients: int, fraction: float, on
     """The clients of a round: a seeded draw of round(fraction·N) clients without replacement,
     sorted, from the ``online`` ones (default: all N); fewer when fewer are online."""
     pool = np.arange(num_clients) if online is None else np.asarray(online, dtype=int)
-    k = min(max(1, round(fraction * num_clients)), len(pool))
+    k = min(clients_per_round(num_clients, fraction), len(pool))
     rng = np.random.default_rng([seed, round_, 0x5A3])
     return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
 

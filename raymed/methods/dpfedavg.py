@@ -122,7 +122,7 @@ class DPFedAvgParams(FedAvgParams):
 def resolved_values(cfg: ExperimentConfig) -> dict[str, int]:
     """The parameters DP-FedAvg takes from the experiment rather than from the user."""
     n = cfg.clients.num
-    return {"seed": cfg.seed, "clients_per_round": max(1, round(cfg.clients.fraction * n)), "num_clients": n}
+    return {"seed": cfg.seed, "clients_per_round": cfg.clients.per_round, "num_clients": n}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from abc import abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -187,19 +188,15 @@ def krum(updates: list[Weights], byzantine: int, select: int = 1) -> Weights:
 # The strategies
 
 
-def clients_per_round(cfg: ExperimentConfig) -> int:
-    """As the server samples them (raymed.engine.server.sample_clients), with every client online."""
-    return max(1, round(cfg.clients.fraction * cfg.clients.num))
-
-
 class RobustAggregation(FedAvg):
     """FedAvg's clients; the server keeps every update and steps along ``robust_delta`` of them."""
 
     def new_accumulator(self) -> UpdateList:  # type: ignore[override]
         return UpdateList()
 
+    @abstractmethod
     def robust_delta(self, updates: list[Weights]) -> Weights:
-        raise NotImplementedError
+        """The robust combination of the round's updates, per key."""
 
     def aggregate(self, state: ServerState, accumulator: UpdateList) -> ServerState:  # type: ignore[override]
         weights = dict(state.weights)
@@ -227,7 +224,7 @@ class TrimmedMean(RobustAggregation):
     Params = TrimmedMeanParams
 
     def check_config(self, cfg: ExperimentConfig) -> None:
-        n, trim = clients_per_round(cfg), self.params.trim
+        n, trim = cfg.clients.per_round, self.params.trim
         cut = math.ceil(trim * n - 1e-9)  # as trim_count: β·n = 3.0000000000000004 cuts 3
         if n - 2 * cut < 1:
             most = (n - 1) // 2 / n  # the largest β with ⌈β·n⌉ ≤ ⌊(n − 1)/2⌋
@@ -251,7 +248,7 @@ class Krum(RobustAggregation):
     Params = KrumParams
 
     def check_config(self, cfg: ExperimentConfig) -> None:
-        n, f, m = clients_per_round(cfg), self.params.byzantine, self.params.select
+        n, f, m = cfg.clients.per_round, self.params.byzantine, self.params.select
         if n <= 2 * f + 2:
             raise ConfigError(
                 f"strategy krum with strategy.byzantine={f} (f) needs more than 2f+2={2 * f + 2} clients per round, got {n} "
