@@ -220,6 +220,13 @@ def take(x: ModelInput, index: torch.Tensor) -> ModelInput:
 Objective = Callable[[str, ModelInput, torch.Tensor], torch.Tensor]  # (dataset, input, target) -> loss
 
 
+def local_optimizer(params, cfg: ClientsConfig) -> torch.optim.Optimizer:
+    """A fresh local optimiser (``clients.optimizer``) over ``params``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Objective | None = None) -> dict[str, float]:
     """``clients.local_epochs`` epochs of mini-batch SGD (or AdamW, ``clients.optimizer``) on the
     client's data, over ``ctx.trained_keys``.
@@ -235,10 +242,7 @@ def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Obj
     model.train()
     trained = set(ctx.trained_keys)
     params = {name: p for name, p in model.named_parameters() if name in trained}
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = local_optimizer(params.values(), cfg)
     total, steps = torch.zeros((), device=ctx.device), 0
     for _ in range(cfg.local_epochs):
         for flag, x, y in ctx.batches():

@@ -92,6 +92,7 @@ from raymed.methods.base import (
     ServerState,
     WeightedMean,
     Weights,
+    local_optimizer,
     local_sgd,
     register_method,
     take,
@@ -134,10 +135,15 @@ def update_norm(delta: Weights) -> float:
     return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
 
 
+def clip_factor(norm: float, clip: float) -> float:
+    """min(1, C/‖Δ‖): the scale that brings an update of norm ``norm`` within ``clip``."""
+    return min(1.0, clip / norm) if norm > 0 else 1.0
+
+
 def clip_update(delta: Weights, clip: float) -> tuple[Weights, float]:
     """Δ · min(1, C/‖Δ‖) (float32, as sent) and the norm before clipping."""
     norm = update_norm(delta)
-    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    factor = clip_factor(norm, clip)
     return {k: (v.astype(np.float64) * factor).astype(np.float32) for k, v in delta.items()}, norm
 
 
@@ -150,8 +156,7 @@ class ClippedSum(WeightedMean):
         self.clip = clip
 
     def add(self, update: ClientUpdate) -> None:
-        norm = update_norm(update.delta)
-        factor = (min(1.0, self.clip / norm) if norm > 0 else 1.0) * min(1.0, update.weight)
+        factor = clip_factor(update_norm(update.delta), self.clip) * min(1.0, update.weight)
         for key, value in update.delta.items():
             if key in self.sums:
                 self.sums[key] += factor * value
@@ -226,10 +231,7 @@ def dp_sgd(ctx: ClientContext, noise_multiplier: float, max_grad_norm: float) ->
     trained = set(ctx.trained_keys)
     params = {name: p for name, p in model.named_parameters() if name in trained}
     heads = {flag: [p for name, p in params.items() if name.startswith(f"heads.{flag}.")] for flag in ctx.tensors("train")}
-    if cfg.optimizer == "adamw":
-        base = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        base = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    base = local_optimizer(params.values(), cfg)
     plan, rates = poisson_plan(ctx, cfg.local_epochs)
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     wrapped = GradSampleModule(model, loss_reduction="mean")
