@@ -31,7 +31,6 @@ import argparse
 import sys
 
 from raymed.data.instructions import CATALOGUE, NEW_SENTENCES
-from raymed.results.report import final_metrics
 from tables import agg, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 CONFIG = "fedkim"
@@ -61,7 +60,7 @@ class Bench(PaperBench):
     def run_one(self, key: str, label: str, overrides: list[str]) -> dict:
         cfg, run, wall = self.federation(overrides)
         self.held_out |= {t.name for t in NEW_SENTENCES.values()} | {CATALOGUE[f].name for f in cfg.data.held_out}
-        final = {k: number(v) for k, v in final_metrics(run).items() if number(v) is not None}
+        final = {k: number(v) for k, v in self.selected(run).items() if number(v) is not None}
         central = {k.removeprefix("central/"): v for k, v in final.items() if k.startswith("central/")}
         record = {"row": key, "label": label, "overrides": [*overrides, *self.tail], "seed": cfg.seed, "central": central,
                   "clients_global_acc": final.get("global/mean/acc"), "run_dir": str(run["dir"]), "wall_s": round(wall, 2)}

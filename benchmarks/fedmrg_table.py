@@ -46,7 +46,6 @@ from datetime import datetime
 
 import numpy as np
 
-from raymed.results.report import final_metrics
 from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 CONFIG = "fedmrg"
@@ -88,7 +87,7 @@ class Bench(PaperBench):
 
     def run_one(self, section: str, key: str, label: str, overrides: list[str]) -> dict:
         cfg, run, wall = self.federation(overrides)
-        final = final_metrics(run)
+        final = self.selected(run)
         metrics = {name: number(final.get(column)) for name, column in METRICS.items()}
         df = run["rounds"]
         per_round = [number(up) / n for up, n in zip(df["comm/bytes_up"], df["clients/aggregated"]) if number(n)]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import sys
 
-from raymed.results.report import final_metrics
 from tables import agg, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 CONFIG = "lorkd"
@@ -70,7 +69,7 @@ class Bench(PaperBench):
         from raymed.data.shards import ShardSet
 
         cfg, run, wall = self.federation(overrides)
-        final = {k: number(v) for k, v in final_metrics(run).items() if number(v) is not None}
+        final = {k: number(v) for k, v in self.selected(run).items() if number(v) is not None}
         params = parameter_counts(cfg, ShardSet(run["meta"]["shards"]).tasks)
         record = {"row": key, "label": label, "overrides": [*overrides, *self.tail], "seed": cfg.seed, "params": params,
                   "global": {k.removeprefix("global/"): v for k, v in final.items() if k.startswith("global/")},

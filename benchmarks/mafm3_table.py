@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from raymed.results.report import final_metrics
 from tables import agg, fmt, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 CONFIG = "mafm3"
@@ -62,7 +61,7 @@ class Bench(PaperBench):
     def run_one(self, key: str, label: str, overrides: list[str], foundation: Path | None = None) -> dict:
         before = sha256(foundation) if foundation else None
         cfg, run, wall = self.federation(overrides)
-        final = {k: number(v) for k, v in final_metrics(run).items() if number(v) is not None}
+        final = {k: number(v) for k, v in self.selected(run).items() if number(v) is not None}
         clients = pd.concat(pd.read_parquet(p) for p in sorted((Path(run["dir"]) / "clients").glob("*.parquet")))
         record = {"row": key, "label": label, "overrides": [*overrides, *self.tail], "seed": cfg.seed,
                   "global": {k.removeprefix("global/"): v for k, v in final.items() if k.startswith("global/")},

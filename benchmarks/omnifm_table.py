@@ -33,7 +33,6 @@ from datetime import datetime
 import numpy as np
 
 from raymed.config import load_config
-from raymed.results.report import final_metrics
 from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "vqa")
@@ -59,7 +58,7 @@ class Bench(PaperBench):
 
     def run_one(self, section: str, overrides: list[str]) -> dict:
         cfg, run, wall = self.federation(overrides)
-        final = final_metrics(run)
+        final = self.selected(run)
         flags = cfg.data.datasets
         pct = lambda v: None if v is None else 100 * v  # noqa: E731
         derived = {

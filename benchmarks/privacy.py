@@ -34,7 +34,6 @@ import math
 import sys
 import time
 
-from raymed.results.report import final_metrics
 from tables import agg, fmt, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 SECTIONS = ("client", "local")
@@ -100,7 +99,7 @@ class Bench(PaperBench):
 
     def run_one(self, section: str, key: str, label: str, overrides: list[str]) -> dict:
         cfg, run, wall = self.federation(overrides)
-        final = final_metrics(run)
+        final = self.selected(run)
         clients = cfg.clients
         record = {"section": section, "row": key, "label": label, "seed": cfg.seed, "overrides": [*overrides, *self.tail],
                   "clients": clients.num, "clients_per_round": clients.per_round, "rounds": cfg.rounds,

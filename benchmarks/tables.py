@@ -40,6 +40,14 @@ def fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+BELOW = "▼"  # a cell at or below its baseline (what a model that learned nothing scores)
+
+
+def flagged(cell: str, below: bool) -> str:
+    """A table cell, marked when its value is at or below its baseline."""
+    return f"{cell} {BELOW}" if below else cell
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
@@ -74,9 +82,12 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, quick: str) -> argparse.Namespace:
-    """The paper-table benchmarks' shared command line; ``args.only`` comes back as a list of sections."""
+def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, quick: str, extra=None) -> argparse.Namespace:
+    """The paper-table benchmarks' shared command line; ``args.only`` comes back as a list of sections.
+    ``extra(parser)`` adds a benchmark's own arguments."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--seeds", default=seeds)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -123,6 +134,7 @@ class PaperBench:
         self.common = [f"rounds={self.rounds}", f"eval.every={self.rounds}", "ray.dashboard=false", f"output_dir={self.out / self.runs_folder}"]
         self.tail = [*(self.quick if args.quick else []), *args.overrides]  # after a row's own overrides
         self.runs: list[dict] = []
+        self.below_baseline: list[dict] = []  # runs with a reported test metric at or below its baseline
         self.tables: dict[str, dict] = {}
         self.synthetic = False
         self.sources = sources_md5()  # a shared working tree may be edited while the benchmark runs
@@ -142,6 +154,28 @@ class PaperBench:
                 sys.exit("synthetic stand-ins found instead of the real data files; set RAYMED_DATA_DIR (or pass --allow-synthetic)")
             self.synthetic = True
         return cfg, run, wall
+
+    def selected(self, run: dict) -> dict:
+        """Every metric of ``run``'s round selected on validation (its last evaluated round when it
+        logs no validation metric); test metrics at or below their baseline (a model that learned
+        nothing) are recorded for the tables' baseline check."""
+        from raymed.results.baselines import at_or_below
+        from raymed.results.report import baselines_of, selected_metrics
+
+        chosen, base = selected_metrics(run), baselines_of(run)
+        below = sorted(k for k, v in chosen.items() if not k.startswith("val/") and at_or_below(k, number(v), base))
+        if below:
+            self.below_baseline.append({"run": str(run["dir"]), "round": chosen.get("selected_round"), "metrics": below,
+                                        "baselines": {k: base[k] for k in below}})
+        return chosen
+
+    def baseline_check(self) -> str:
+        """Markdown: which runs reported a test metric at or below its baseline."""
+        if not self.below_baseline:
+            return "\n### Baseline check\n\nNo reported test metric is at or below its baseline (majority class; personal: each client's own majority).\n"
+        lines = [f"- `{Path(b['run']).name}` (round {b['round']}): " + ", ".join(f"{m} {BELOW} (baseline {b['baselines'][m]:.3f})" for m in b["metrics"])
+                 for b in self.below_baseline]
+        return "\n### Baseline check\n\nTest metrics at or below their baseline (majority class; personal: each client's own majority):\n\n" + "\n".join(lines) + "\n"
 
     def add_table(self, name: str, title: str, header: list[str], rows: list[dict], cells, note: str = "") -> None:
         """``rows``: aggregated rows (kept in the JSON); ``cells(row)``: the row's markdown cells."""
@@ -169,11 +203,12 @@ class PaperBench:
                     "commit": git_commit(), "cpu_cores": os.cpu_count(), "gpu": torch_cuda(), "synthetic": self.synthetic,
                     "raymed_sources_md5": self.sources, "sources_changed_during_run": changed, **settings}
         result = {"date": datetime.now().isoformat(timespec="seconds"), "settings": settings,
-                  "tables": {k: {"title": t["title"], "rows": t["rows"]} for k, t in self.tables.items()}, "runs": self.runs}
+                  "tables": {k: {"title": t["title"], "rows": t["rows"]} for k, t in self.tables.items()}, "runs": self.runs,
+                  "below_baseline": self.below_baseline}
         (self.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
         head = (f"# {title} ({result['date']}, commit {settings['commit']})\n\n"
                 f"config `{self.config}`, rounds {self.rounds}, seeds {','.join(map(str, self.seeds))}, "
                 f"machine: {os.cpu_count()} CPU cores, {'GPU' if torch_cuda() else 'no GPU'}{', --quick' if self.args.quick else ''}"
                 f"{', SYNTHETIC DATA: not real results' if self.synthetic else ''}"
                 f"{', RAYMED SOURCES CHANGED DURING THE BENCHMARK: runs used different code' if changed else ''}. {note}\n")
-        (self.out / f"{name}.md").write_text(head + "".join("\n" + t["markdown"] for t in self.tables.values()))
+        (self.out / f"{name}.md").write_text(head + "".join("\n" + t["markdown"] for t in self.tables.values()) + self.baseline_check())

@@ -36,7 +36,7 @@ def uplink(name: str) -> dict:
     from raymed.config import load_config
     from raymed.data.shards import ShardSet, materialise
     from raymed.engine.worker import float_state
-    from raymed.methods import ClientContext, build_method
+    from raymed.methods import build_method, client_context
 
     torch.set_num_threads(2)
     cfg = load_config(SHIPPED.get(name), [f"strategy.name={name}"] if name not in SHIPPED else [])
@@ -48,7 +48,7 @@ def uplink(name: str) -> dict:
     initial = float_state(model)
     state = method.init_state(initial)
     payload = method.broadcast(state)
-    ctx = ClientContext(0, 1, cfg.seed, model, shards.client(0), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+    ctx = client_context(cfg, 0, 1, model, shards, torch.device("cpu"), initial)
     start = time.perf_counter()
     update = method.client_update(ctx, payload)
     groups: dict[str, int] = {}

@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print a table of runs and plot each metric against rounds")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", default="raymed-report.png", help="PNG to write (default: %(default)s)")
+    rep.add_argument("--metrics", default="acc,auc,f1", help="metrics to show, comma-separated (default: %(default)s; each task's own, e.g. psnr, always)")
 
     data = sub.add_parser("data", help="MedMNIST files").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="which MedMNIST subsets are found, where, and whether their md5 holds")
@@ -86,7 +87,8 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
         def on_round(r: int, m: dict) -> None:
             shown = [f"loss {m['train/loss']:.3f}"]
             for key in sorted(k for k in m if k.startswith(("global/mean/", "personal/client_mean/"))):
-                shown.append(f"{key.split('/')[0]} {key.rsplit('/', 1)[1]} {m[key]:.3f}")
+                val = m.get(f"val/{key}")
+                shown.append(f"{key.split('/')[0]} {key.rsplit('/', 1)[1]} {m[key]:.3f}" + (f" (val {val:.3f})" if val is not None else ""))
             shown.append(f"{m['time/round_s']:.1f}s")
             progress.update(task, advance=1, status=" · ".join(shown))
 
@@ -165,7 +167,8 @@ def cmd_tune(args) -> int:
 def cmd_report(args) -> int:
     from raymed.results import report
 
-    png = report(args.runs, args.out, console)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    png = report(args.runs, args.out, console, metrics)
     console.print(f"plot: {png}")
     return 0
 

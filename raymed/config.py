@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -45,10 +46,21 @@ class DataConfig(Section):
     # dirichlet: label-skew concentration (default 0.5); quantity: size-skew concentration (default 1.0);
     # modality: None = IID inside each modality, a number = Dirichlet label skew inside each modality.
     alpha: float | None = Field(None, gt=0)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    # Each client's rows: [local training | local validation (val_fraction) | held-out (holdout_fraction)].
+    # The held-out rows are the client's own test split (personalised metrics); its validation rows
+    # select (best round, early stopping, Tune). val_fraction is also the seeded share of the training
+    # rows carved out as the global validation split of a source that has none (VQA-RAD, by image).
+    holdout_fraction: float = Field(0.2, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
     min_examples: int = Field(2, ge=2)
     max_train_per_dataset: int | None = Field(None, ge=1)
-    max_test_per_dataset: int | None = Field(None, ge=1)
+    max_test_per_dataset: int | None = Field(None, ge=1)  # caps the validation split too
+    # Training-time augmentation suited to each modality (raymed.data.augment: flips only where
+    # anatomy has no side, small affine jitter elsewhere); none at evaluation.
+    augment: bool = True
+    # Pixel scaling: fixed maps [0, 255] to [-1, 1] (MedMNIST's own mean 0.5, std 0.5); dataset
+    # standardises each channel by its training rows' mean and std.
+    normalise: Literal["fixed", "dataset"] = "fixed"
     cache_dir: str | None = None
     # A seeded fraction of every dataset's training rows (VQA-RAD: by image) that no client gets: the
     # server's own small split, for methods that train on the server (FedKIM's central model).
@@ -97,6 +109,10 @@ class DataConfig(Section):
             raise ValueError(f"task report needs report datasets ({', '.join(REPORT_DATASETS)}); got {', '.join(self.datasets)}")
         if self.task != "report" and "r2gen" in self.datasets:
             raise ValueError("r2gen is a report-generation dataset; set data.task=report")
+        if self.holdout_fraction + self.val_fraction >= 0.9:
+            raise ValueError(
+                f"holdout_fraction {self.holdout_fraction:g} + val_fraction {self.val_fraction:g} leave clients under 10% of their rows to train on"
+            )
         if set(self.held_out) & set(self.datasets):
             raise ValueError(f"held_out lists {', '.join(sorted(set(self.held_out) & set(self.datasets)))}, which data.datasets trains on")
         if self.held_out and self.task != "classification":
@@ -126,6 +142,9 @@ class ClientsConfig(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimiser, fresh every round (adamw suits transformer decoders)
+    # The local learning rate across rounds: constant; cosine from lr (round 1) towards 0 (past the
+    # last round); step: x0.1 after 50% and again after 75% of the rounds (MedMNIST's recipe).
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
@@ -140,6 +159,15 @@ class ClientsConfig(Section):
     def per_round(self) -> int:
         """Clients sampled per round (fewer when fewer are online)."""
         return clients_per_round(self.num, self.fraction)
+
+    def lr_at(self, round_: int, rounds: int) -> float:
+        """The local learning rate of round ``round_`` (1-based) of ``rounds`` under ``lr_schedule``."""
+        progress = (round_ - 1) / max(rounds, 1)
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule == "step":
+            return self.lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+        return self.lr
 
 
 def clients_per_round(num: int, fraction: float) -> int:
@@ -279,11 +307,37 @@ class ServerConfig(Section):
         return self
 
 
+class TaskConfig(Section):
+    """How each dataset's task is trained (the task itself is ``data.task``)."""
+
+    # Graded datasets (RetinaMNIST): ce = softmax cross-entropy over the grades, as MedMNIST's
+    # benchmarks train them (numbers comparable with the literature); cumulative = one logit per
+    # threshold P(y > k), trained with BCE, so grade errors are ordered.
+    ordinal_loss: Literal["ce", "cumulative"] = "ce"
+    # balanced: each client weights its loss by n / (C · n_c) from its own training labels
+    # (binary, multi-class and CE-trained graded tasks), against imbalanced sets.
+    class_weighting: Literal["none", "balanced"] = "none"
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # evaluate every N rounds, and always after the last one
     personalised: bool = True
     batch_size: int = Field(512, ge=1)
     report_samples: int = Field(16, ge=0)  # report generation: test reports written beside their references
+    # Model selection, on validation only: the round whose `select` metric is best is the run's
+    # selected round, and its test metrics are the run's result. None: val/global/mean/<primary> when
+    # the method has a global model, else val/personal/client_mean/<primary>.
+    select: str | None = None
+    select_mode: Literal["max", "min"] = "max"
+    # Stop when `select` has not improved for this many evaluations (None: run every round).
+    early_stop_patience: int | None = Field(None, ge=1)
+
+    @field_validator("select")
+    @classmethod
+    def _validation_only(cls, metric: str | None) -> str | None:
+        if metric is not None and not metric.startswith("val/"):
+            raise ValueError(f"selects on validation metrics only (val/...); {metric} is a test metric: use val/{metric}")
+        return metric
 
 
 class RayConfig(Section):
@@ -309,9 +363,15 @@ class ExperimentConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    # Bit-identical reruns on the same machine: torch's deterministic algorithms, a fixed thread count
+    # per worker, seeded data order (recorded in meta.json).
+    deterministic: bool = False
 
     @model_validator(mode="after")
     def _clients_exist(self) -> ExperimentConfig:
+        if self.eval.personalised and self.data.holdout_fraction == 0:
+            raise ValueError("data.holdout_fraction=0 leaves clients no held-out rows for eval.personalised; set eval.personalised=false or a holdout_fraction > 0")
         f, n = self.faults, self.clients.num
         for name, ids in (("faults.crash.clients", f.crash.clients), ("faults.slow.clients", f.slow.clients)):
             wrong = [c for c in ids if not 0 <= c < n]
@@ -450,6 +510,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
             f"data.datasets mixes 2D and 3D datasets, which one backbone cannot take under strategy {cfg.strategy.name}; "
             f"run them separately, or use a strategy with an encoder per input kind (fedkim)"
         )
+    cfg = method(params).configure(cfg)
     method(params).check_config(cfg)
     # Store the resolved parameters (defaults filled in) so the saved config is complete.
     cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))

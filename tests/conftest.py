@@ -91,7 +91,7 @@ def prepared_method(cfg: ExperimentConfig):
     import torch
 
     from raymed.data.shards import ShardSet, materialise
-    from raymed.methods import ClientContext, build_method
+    from raymed.methods import ClientContext, build_method, client_context
 
     shard_dir = materialise(cfg)
     cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
@@ -102,6 +102,6 @@ def prepared_method(cfg: ExperimentConfig):
     initial = {k: v.numpy().copy() for k, v in model.state_dict().items() if k not in unsent}
 
     def context(client: int) -> ClientContext:
-        return ClientContext(client, 1, cfg.seed, model, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+        return client_context(cfg, client, 1, model, shards, torch.device("cpu"), initial)
 
     return cfg, method, model, method.init_state(initial), shards, context

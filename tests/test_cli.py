@@ -73,7 +73,7 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     assert (rounds["comm/bytes_up"] > 0).all() and rounds["personal/client_mean/acc"].between(0, 1).all()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert len(pq.read_table(run_dir / "evaluation").to_pandas()) >= 6  # every client, personalised
-    assert "final evaluated round" in proc.stdout
+    assert "selected on validation" in proc.stdout
 
     report = raymed("report", str(run_dir), "--out", str(tmp_path / "r.png"))
     assert report.returncode == 0 and (tmp_path / "r.png").stat().st_size > 10_000

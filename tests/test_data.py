@@ -61,20 +61,30 @@ def test_shards_hold_exactly_the_partitioned_rows(data_dir, tmp_path):
     assert materialise(cfg) == folder  # built once, then reused
     shards = ShardSet(folder)
     seen = {flag: [] for flag in cfg.data.datasets}
+    as_bytes = lambda a: sorted(r.tobytes() for r in a.reshape(len(a), -1))  # noqa: E731
     for cid in range(5):
         client = shards.client(cid)
         for flag in client.datasets:
-            train, hold = client.train[flag], client.holdout[flag]
-            assert len(train) >= 1 and len(hold) >= 1
+            train, val, hold = client.train[flag], client.val[flag], client.holdout[flag]
+            assert len(train) >= 1 and len(val) >= 1 and len(hold) >= 1
             assert train.images.shape[1] == {"breastmnist": 1, "retinamnist": 3}[flag]  # channel-first
-            seen[flag].append(np.concatenate([train.images, hold.images]).reshape(len(train) + len(hold), -1))
+            assert not set(as_bytes(train.images)) & set(as_bytes(val.images))  # a client validates on rows it never trains on
+            assert not set(as_bytes(train.images)) & set(as_bytes(hold.images))
+            seen[flag].append(np.concatenate([train.images, val.images, hold.images]).reshape(len(train) + len(val) + len(hold), -1))
     for flag in cfg.data.datasets:
         rows = np.concatenate(seen[flag])
         source, _ = load_split(locate(flag, root=str(data_dir)), "train")
         source = np.moveaxis(source, -1, 1) if source.ndim == 4 else source[:, None]
-        as_bytes = lambda a: sorted(r.tobytes() for r in a.reshape(len(a), -1))  # noqa: E731
         assert as_bytes(rows) == as_bytes(source)  # every training row exactly once, none invented
         assert shards.test(flag).images.shape[0] == 120
+        # The global validation split is the source's own val split: no training or test row in it.
+        val_rows, _ = load_split(locate(flag, root=str(data_dir)), "val")
+        val_rows = np.moveaxis(val_rows, -1, 1) if val_rows.ndim == 4 else val_rows[:, None]
+        assert set(as_bytes(shards.val(flag).images)) <= set(as_bytes(val_rows)) and len(shards.val(flag)) == min(120, len(val_rows))
+        test_source, _ = load_split(locate(flag, root=str(data_dir)), "test")
+        test_source = np.moveaxis(test_source, -1, 1) if test_source.ndim == 4 else test_source[:, None]
+        validation = set(as_bytes(shards.val(flag).images))
+        assert not validation & set(as_bytes(source)) and not validation & set(as_bytes(test_source))
 
 
 def test_task_metrics_against_hand_computation():
@@ -86,7 +96,7 @@ def test_task_metrics_against_hand_computation():
     assert m["auc"] == pytest.approx(1.0)  # every positive scores above the negative
     assert m["f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 
-    ordinal = TaskSpec("retinamnist", "ordinal", 5, 3, 2)
+    ordinal = TaskSpec("retinamnist", "ordinal", 5, 3, 2, ordinal_loss="cumulative")
     logits = torch.tensor([[5.0, 5.0, -5.0, -5.0], [-5.0, -5.0, -5.0, -5.0], [5.0, 5.0, 5.0, 5.0]])
     probs = ordinal.scores(logits)
     assert np.allclose(probs.sum(1), 1.0)

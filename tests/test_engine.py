@@ -14,7 +14,7 @@ from raymed.engine import ServerActor, plan_workers, run_experiment, sample_clie
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.worker import ClientWorker, float_state
 from raymed.errors import ClientFailure, ResourceError, find_user_error
-from raymed.methods import ClientContext, build_method
+from raymed.methods import build_method, client_context
 from raymed.models import build_model
 from tests.conftest import small_config
 
@@ -40,7 +40,7 @@ def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, 
     method = build_method("fedavg", cfg.strategy.params)
     sums, totals = {}, {}
     for cid in sample_clients(cfg.seed, 1, cfg.clients.num, cfg.clients.fraction):
-        ctx = ClientContext(cid, 1, cfg.seed, model, shards.client(cid), shards.tasks, cfg.clients, torch.device("cpu"), float_state(model))
+        ctx = client_context(cfg, cid, 1, model, shards, torch.device("cpu"), float_state(model))
         update = method.client_update(ctx, initial)
         for key, delta in update.delta.items():
             local = initial[key] + delta

@@ -14,7 +14,7 @@ from raymed.config import load_config
 from raymed.data.instructions import CATALOGUE, NEW_SENTENCES, answer_metrics, tasks_of
 from raymed.data.shards import ShardSet, materialise
 from raymed.errors import ConfigError
-from raymed.methods import ClientContext, build_method
+from raymed.methods import build_method, client_context
 from raymed.methods.base import ServerState
 from raymed.models.knowledge import M3OEGate, MoELoRA
 from tests.conftest import _real_dir, small_config
@@ -159,7 +159,7 @@ def test_injection_loads_the_fedavg_of_client_encoders_and_the_lm_stays_frozen(r
     # Round 1 on the clients, in this process: each trains from the broadcast weights.
     trained, sizes, accumulator = [], [], method.new_accumulator()
     for client in range(cfg.clients.num):
-        ctx = ClientContext(client, 1, cfg.seed, local, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+        ctx = client_context(cfg, client, 1, local, shards, torch.device("cpu"), initial)
         update = method.client_update(ctx, state.weights)
         accumulator.add(update)
         trained.append(ctx.read(ctx.trained_keys))

@@ -16,7 +16,7 @@ from raymed.data.report_metrics import label_report
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine.worker import float_state
 from raymed.errors import DataError
-from raymed.methods import ClientContext, build_method
+from raymed.methods import ClientContext, build_method, client_context
 from raymed.methods.base import ClientUpdate, ServerState
 from raymed.methods.fedmrg import FedMRG, FedMRGParams, factorise, lora_pairs
 
@@ -39,7 +39,7 @@ def report_config(data_dir: Path, tmp_path: Path, *overrides: str):
 
 
 def _context(cfg, shards: ShardSet, model, client: int, initial) -> ClientContext:
-    return ClientContext(client, 1, cfg.seed, model, shards.client(client), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+    return client_context(cfg, client, 1, model, shards, torch.device("cpu"), initial)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ def test_r2gen_loader_reads_the_real_annotation_with_stand_in_images(tmp_path):
     ]))
     shards = ShardSet(materialise(cfg))
     task = shards.tasks["r2gen"]
-    assert len(shards.test("r2gen")) == 590 and sum(n for n, _ in shards.client_sizes().values()) + sum(h for _, h in shards.client_sizes().values()) == 2069
+    assert len(shards.test("r2gen")) == 590 and sum(sum(sizes) for sizes in shards.client_sizes().values()) == 2069
+    assert len(shards.val("r2gen")) == 296  # R2Gen's own validation studies
     decoded = task.decode(np.array(shards.test("r2gen").labels[:1, 2:]))[0]
     assert decoded.split()[:5] == reports.clean(splits["test"][0]["report"]).lower().replace(".", " .").replace(",", " ,").split()[:5]
 
@@ -253,7 +254,7 @@ def test_server_decoder_is_a_deepspeed_engine(ray_session, data_dir, tmp_path, s
 
         task = shards.tasks["pneumoniamnist"]
         test = shards.test("pneumoniamnist")
-        generated = dict(((f, s), ids) for f, s, ids in group.generate({"pneumoniamnist": len(test)}, batch_size=8))
+        generated = {(f, s): ids for _, f, s, ids in group.generate({("test", "pneumoniamnist"): len(test)}, batch_size=8)}
         ids = np.concatenate([generated[k] for k in sorted(generated)])
         reference.eval()
         x, _ = task.inputs(np.array(test.images), np.array(test.labels), reference.in_channels, torch.device("cpu"))

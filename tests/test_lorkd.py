@@ -4,6 +4,8 @@ run-folder teachers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -100,11 +102,18 @@ def test_kl_transfer_is_the_tempered_kl_and_vanishes_only_at_the_teacher():
     T = 3.0
     manual = (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1).mean() * T * T
     torch.testing.assert_close(distillation_loss(TASKS["breastmnist"], s, t, T), manual)
+    # grades as classes (the default ordinal loss) distil like any softmax task
+    s5, t5 = torch.randn(8, 5), torch.randn(8, 5)
+    softmax5 = (F.softmax(t5 / T, 1) * (F.log_softmax(t5 / T, 1) - F.log_softmax(s5 / T, 1))).sum(1).mean() * T * T
+    torch.testing.assert_close(distillation_loss(TASKS["retinamnist"], s5, t5, T), softmax5)
+    # one logit per grade threshold distils as a Bernoulli KL per threshold
+    cumulative = dataclasses.replace(TASKS["retinamnist"], ordinal_loss="cumulative")
     p, q = torch.sigmoid(t / T), torch.sigmoid(s / T)
     bernoulli = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(1).mean() * T * T
-    torch.testing.assert_close(distillation_loss(TASKS["retinamnist"], s, t, T), bernoulli)
+    torch.testing.assert_close(distillation_loss(cumulative, s, t, T), bernoulli)
     assert distillation_loss(TASKS["breastmnist"], t, t, T).abs() < 1e-6
-    assert distillation_loss(TASKS["retinamnist"], t, t, T).abs() < 1e-6
+    assert distillation_loss(cumulative, t, t, T).abs() < 1e-6
+    assert distillation_loss(TASKS["retinamnist"], t5, t5, T).abs() < 1e-6
 
 
 @pytest.fixture

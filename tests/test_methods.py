@@ -6,7 +6,7 @@ import torch
 
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine.worker import float_state
-from raymed.methods import ClientContext, build_method
+from raymed.methods import build_method, client_context
 from raymed.models import build_model
 from tests.conftest import small_config
 
@@ -17,7 +17,7 @@ def test_epochs_draw_new_batch_orders_and_reruns_repeat_them(data_dir, tmp_path)
     model = build_model(cfg.model.name, shards.tasks, cfg.seed)
 
     def epoch_orders() -> list[np.ndarray]:
-        ctx = ClientContext(0, 1, cfg.seed, model, shards.client(0), shards.tasks, cfg.clients, torch.device("cpu"), float_state(model))
+        ctx = client_context(cfg, 0, 1, model, shards, torch.device("cpu"), float_state(model))
         return [torch.cat([y[:, 0] for _, _, y in ctx.batches()]).numpy() for _ in range(cfg.clients.local_epochs)]
 
     first, rerun = epoch_orders(), epoch_orders()
@@ -47,7 +47,7 @@ def test_vectorised_updates_equal_sequential_ones(data_dir, tmp_path, method, ex
     clients = list(range(cfg.clients.num))  # both datasets (two vmap groups), clients of unequal sizes
 
     def contexts():
-        return [ClientContext(c, 1, cfg.seed, model, shards.client(c), shards.tasks, cfg.clients, torch.device("cpu"), initial) for c in clients]
+        return [client_context(cfg, c, 1, model, shards, torch.device("cpu"), initial) for c in clients]
 
     torch.set_num_threads(1)
     sequential = [strategy.client_update(ctx, payload) for ctx in contexts()]

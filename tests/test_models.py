@@ -12,7 +12,9 @@ def test_models_take_2d_and_3d_any_channels_with_a_head_per_task(name):
     assert model.in_channels == 3  # gray and RGB datasets share an RGB model
     x = torch.randn(2, 3, 28, 28)
     assert model(x, "pneumoniamnist").shape == (2, 2)
-    assert model(x, "retinamnist").shape == (2, 4)  # ordinal: 5 grades → 4 cumulative logits
+    assert model(x, "retinamnist").shape == (2, 5)  # ordinal under CE (the default): one logit per grade
+    cumulative = build_model(name, {"retinamnist": TaskSpec("retinamnist", "ordinal", 5, 3, 2, ordinal_loss="cumulative")}, seed=0)
+    assert cumulative(x, "retinamnist").shape == (2, 4)  # 5 grades → 4 cumulative logits
     assert sorted(k for k in model.state_keys(["retinamnist"]) if k.startswith("heads.")) == [
         "heads.retinamnist.bias",
         "heads.retinamnist.weight",

@@ -12,7 +12,7 @@ import torch
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine import ServerActor
 from raymed.engine.worker import float_state
-from raymed.methods import ClientContext, build_method
+from raymed.methods import ClientContext, build_method, client_context
 from raymed.methods.omnifm import CENTROIDS_PREFIX, HITS_KEY, SpectralKnowledgeBase, SpectralToken, retrieve
 from tests.conftest import small_config
 
@@ -96,7 +96,7 @@ def _omnifm_client(data_dir, tmp_path, *overrides):
     state = method.init_state(initial)
 
     def context(cid: int, round_: int) -> ClientContext:
-        return ClientContext(cid, round_, cfg.seed, model, shards.client(cid), shards.tasks, cfg.clients, torch.device("cpu"), initial)
+        return client_context(cfg, cid, round_, model, shards, torch.device("cpu"), initial)
 
     return cfg, shards, method, state, context
 

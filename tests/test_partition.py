@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raymed.data.partition import holdout_split, label_classes, partition
+from raymed.data.partition import label_classes, local_split, partition
 from raymed.errors import DataError
 
 
@@ -83,8 +83,12 @@ def test_impossible_splits_are_refused():
         partition({"a": _labels(60, 2)}, "dirichlet", 25, seed=0, alpha=0.01)
 
 
-def test_holdout_split_keeps_both_sides():
-    train, hold = holdout_split(10, 0.2, np.random.default_rng(0))
-    assert len(hold) == 2 and len(train) == 8 and not set(train) & set(hold)
-    train, hold = holdout_split(2, 0.01, np.random.default_rng(0))
-    assert len(train) == 1 and len(hold) == 1
+def test_local_split_keeps_every_side_disjoint():
+    train, val, hold = local_split(10, 0.1, 0.2, np.random.default_rng(0))
+    assert (len(train), len(val), len(hold)) == (7, 1, 2)
+    assert not set(train) & set(hold) and not set(train) & set(val) and not set(val) & set(hold)
+    assert sorted([*train, *val, *hold]) == list(range(10))
+    train, val, hold = local_split(2, 0.01, 0.01, np.random.default_rng(0))
+    assert (len(train), len(val), len(hold)) == (1, 0, 1)  # one row is always left to train on
+    train, val, hold = local_split(10, 0.0, 0.0, np.random.default_rng(0))
+    assert len(train) == 10 and len(val) == len(hold) == 0

@@ -26,7 +26,7 @@ def _sweep_file(tmp_path: Path, data_dir: Path, **changes) -> Path:
         "name": "lr-asha",
         "experiment": experiment,
         "search_space": {"clients.lr": {"grid": [0.005, 0.05, 0.2, 1.0]}},
-        "metric": "global/mean/acc",
+        "metric": "val/global/mean/acc",
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "storage_path": str(tmp_path / "tune"),
         **changes,
@@ -57,9 +57,15 @@ def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, 
         assert run["rounds"]["round"].max() == last["round"]
     assert len(groups) == 4  # one placement group per trial
 
+    # The best trial is the one with the best validation metric (at its best validation round); its
+    # test metric at that round is reported beside it, never used to choose.
     best = load_config(folder / "best.yaml")
-    best_row = trials.loc[trials["global/mean/acc"].idxmax()]
+    best_row = trials.loc[trials["val/global/mean/acc"].idxmax()]
     assert best.clients.lr == pytest.approx(best_row["clients.lr"])
+    for _, row in trials.iterrows():
+        results = pd.read_json(Path(row["path"]) / "result.json", lines=True)
+        at = results.loc[results["val/global/mean/acc"].idxmax()]
+        assert row["selected_round"] == at["round"] and row["global/mean/acc"] == pytest.approx(at["global/mean/acc"])
     assert "best config" in capsys.readouterr().out
     # ... and it runs as an experiment of its own.
     rerun = read_run(run_experiment(best.model_copy(update={"rounds": 1, "output_dir": str(tmp_path / "rerun")})))
@@ -79,6 +85,8 @@ def test_bad_sweeps_are_one_line(data_dir, tmp_path):
         load_sweep(_sweep_file(tmp_path, data_dir, scheduler={"name": "pbt"}))
     with pytest.raises(ConfigError, match="unknown key sheduler"):
         load_sweep(_sweep_file(tmp_path, data_dir, sheduler={"name": "asha"}))
+    with pytest.raises(ConfigError, match="global/mean/acc is a test-split metric; a sweep selects on validation only: use val/global/mean/acc"):
+        load_sweep(_sweep_file(tmp_path, data_dir, metric="global/mean/acc"))
 
 
 def test_shipped_sweeps_load(monkeypatch, data_dir):
@@ -126,7 +134,7 @@ def test_checkpoint_restore_continues_exactly(data_dir, tmp_path, ray_session):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, metric", [("{name: lorkd, rank: 4, teacher_epochs: 1}", "global/mean/acc"), ("{name: mafm3, rank: 4, foundation_epochs: 1}", "global/retinamnist/c_index")])
+@pytest.mark.parametrize("strategy, metric", [("{name: lorkd, rank: 4, teacher_epochs: 1}", "val/global/mean/acc"), ("{name: mafm3, rank: 4, foundation_epochs: 1}", "val/global/retinamnist/c_index")])
 def test_lorkd_and_mafm3_sweep_like_every_strategy(data_dir, tmp_path, ray_session, strategy, metric):
     """Each trial prepares its teacher or foundation inside its own placement group and reports."""
     experiment = small_config(

@@ -154,8 +154,10 @@ def partition(
     return _retry(draw_all, num_clients, min_examples, f"{scheme} split")
 
 
-def holdout_split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of a client's local training rows and held-out rows (at least one of each when n >= 2)."""
+def local_split(n: int, val_fraction: float, holdout_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions of a client's local training, validation and held-out rows. A non-zero fraction
+    gets at least one row while the client keeps at least one to train on."""
     order = rng.permutation(n)
-    n_hold = min(max(1, int(round(n * fraction))), n - 1) if n >= 2 else 0
-    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+    n_hold = min(max(1, int(round(n * holdout_fraction))), n - 1) if n >= 2 and holdout_fraction > 0 else 0
+    n_val = min(max(1, int(round(n * val_fraction))), n - n_hold - 1) if n - n_hold >= 2 and val_fraction > 0 else 0
+    return np.sort(order[n_hold + n_val :]), np.sort(order[n_hold : n_hold + n_val]), np.sort(order[:n_hold])

@@ -3,11 +3,16 @@
 Layout of a shard set (a folder named by a hash of everything that determines its content)::
 
     meta.json                 datasets, tasks, image shapes, source files and md5s, synthetic flags
-    index.parquet             client_id, dataset, offset, num_train, num_holdout
+    index.parquet             client_id, dataset, offset, num_train, num_val, num_holdout
     {flag}.train.arrow        training rows of {flag}, reordered so that each client's rows are one
-                              contiguous block: [its local-train rows | its held-out rows]
+                              contiguous block: [its local-train rows | its validation rows | its held-out rows]
+    {flag}.val.arrow          the validation split, for selection (best round, early stopping, Tune)
     {flag}.test.arrow         the official test split, for global evaluation
     {flag}.server.arrow       the server's own rows (``data.server_fraction`` > 0), which no client holds
+
+The validation split is the source's own (MedMNIST's ``val``, R2Gen's ``val``); a source without one
+(VQA-RAD) gets a seeded ``data.val_fraction`` of its training rows, whole images at a time, so no
+validation question shares an image with a training question. No client trains on validation rows.
 
 Held-out datasets (``data.held_out``) have a test split only: no client or server trains on them.
 
@@ -23,7 +28,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +38,11 @@ import pyarrow.parquet as pq
 from raymed.config import DataConfig, ExperimentConfig
 from raymed.data import medmnist_files, reports, vqa_rad
 from raymed.data.medmnist_files import DatasetFile
-from raymed.data.partition import holdout_split, partition
+from raymed.data.partition import local_split, partition
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
-FORMAT_VERSION = 4  # 4: VQA test-only answers get ids past the classes; server and held-out splits
+FORMAT_VERSION = 5  # 5: validation splits (global and per client), normalisation statistics, the ordinal loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,6 +64,15 @@ def locate_sources(d: DataConfig) -> list[DatasetFile]:
     return files
 
 
+def has_val_split(file: DatasetFile) -> bool:
+    """Whether the source ships a validation split of its own (VQA-RAD does not)."""
+    if vqa_rad.is_vqa_flag(file.flag):
+        return False
+    if file.flag == "r2gen":
+        return bool(reports.r2gen_annotation(file.path).get("val"))
+    return True
+
+
 def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one split (R2Gen: labels are [diagnosis, study index]; the text is attached later)."""
     if vqa_rad.is_vqa_flag(file.flag):
@@ -69,17 +83,26 @@ def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
     return medmnist_files.load_split(file, split)
 
 
-def source_task(file: DatasetFile, d: DataConfig) -> TaskSpec:
+def source_task(file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
     """The task a run sets on a dataset: its own (classification, VQA), or super-resolution of its images
     (report generation's task is made in :func:`_attach_reports`, once the tokenizer exists)."""
+    d = cfg.data
     if vqa_rad.is_vqa_flag(file.flag):
         return vqa_rad.task(file.flag, file.path, file.size)
     if file.flag == "r2gen":
         return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
-    task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size)
+    task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size, ordinal_loss=cfg.task.ordinal_loss)
     if file.flag in d.prognosis:
         return task.prognosis()
     return task.super_resolution(d.sr_scale) if d.task == "superresolution" else task
+
+
+def channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of N×C×spatial uint8 images, on intensities in [0, 1]."""
+    channels = images.reshape(len(images), images.shape[1], -1).transpose(1, 0, 2).reshape(images.shape[1], -1)
+    mean = channels.mean(axis=1, dtype=np.float64) / 255.0
+    std = channels.std(axis=1, dtype=np.float64) / 255.0
+    return tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
 
 
 def _attach_reports(
@@ -87,38 +110,43 @@ def _attach_reports(
     files: list[DatasetFile],
     tasks: dict[str, TaskSpec],
     train: dict[str, tuple[np.ndarray, np.ndarray]],
+    val: dict[str, tuple[np.ndarray, np.ndarray]],
     test: dict[str, tuple[np.ndarray, np.ndarray]],
     clients: list[dict[str, np.ndarray]],
     tmp: Path,
     out: Path,
 ) -> None:
-    """Report generation: give every row its report ([diagnosis, style, token ids]) and tokenizer, in place."""
+    """Report generation: give every row its report ([diagnosis, style, token ids]) and tokenizer, in
+    place. Validation images get reports of the test pool (another draw than the test images'),
+    in the original style: no client's report text."""
     d = cfg.data
-    texts: dict[str, tuple[list[str], np.ndarray, list[str]]] = {}
+    texts: dict[str, tuple[list[str], np.ndarray, list[str], list[str]]] = {}
     for f in files:
-        (_, y), (_, yt) = train[f.flag], test[f.flag]
+        (_, y), (_, yv), (_, yt) = train[f.flag], val[f.flag], test[f.flag]
         if f.flag == "r2gen":
             entries = reports.r2gen_annotation(f.path)
             pick = lambda split, rows: [reports.clean(entries[split][int(i)]["report"]) for i in rows]  # noqa: E731
-            texts[f.flag] = (pick("train", y[:, 1]), np.zeros(len(y), np.int64), pick("test", yt[:, 1]))
+            texts[f.flag] = (pick("train", y[:, 1]), np.zeros(len(y), np.int64), pick("val", yv[:, 1]), pick("test", yt[:, 1]))
         else:
             owner = np.full(len(y), -1)
             for cid, rows_by_flag in enumerate(clients):
                 owner[rows_by_flag.get(f.flag, [])] = cid
             root = reports.find_root(d.report_root, "indiana_reports.csv")
             train_texts, styles = reports.medmnist_reports(y[:, 0], owner, cfg.clients.num, d.report_styles, root, cfg.seed)
+            val_texts, _ = reports.medmnist_reports(yv[:, 0], np.full(len(yv), -1), cfg.clients.num, 1, root, cfg.seed, draw=2)
             test_texts, _ = reports.medmnist_reports(yt[:, 0], np.full(len(yt), -1), cfg.clients.num, 1, root, cfg.seed, draw=1)
-            texts[f.flag] = (train_texts, styles, test_texts)
+            texts[f.flag] = (train_texts, styles, val_texts, test_texts)
     if d.report_tokenizer:
         tokenizer, tokenizer_path = reports.load_tokenizer(d.report_tokenizer), str(Path(d.report_tokenizer).resolve())
     else:
         prompts = [p for f in files for p in reports.prompt_texts(f.flag)]
-        tokenizer = reports.train_tokenizer([t for tr, _, _ in texts.values() for t in tr], tmp / "tokenizer", prompts)
+        tokenizer = reports.train_tokenizer([t for tr, *_ in texts.values() for t in tr], tmp / "tokenizer", prompts)
         tokenizer_path = str(out / "tokenizer")
     for f in files:
-        train_texts, styles, test_texts = texts[f.flag]
-        (x, y), (xt, yt) = train[f.flag], test[f.flag]
+        train_texts, styles, val_texts, test_texts = texts[f.flag]
+        (x, y), (xv, yv), (xt, yt) = train[f.flag], val[f.flag], test[f.flag]
         train[f.flag] = (x, np.column_stack([y[:, 0], styles, reports.encode(tokenizer, train_texts, d.report_len)]))
+        val[f.flag] = (xv, np.column_stack([yv[:, 0], np.zeros(len(yv), np.int64), reports.encode(tokenizer, val_texts, d.report_len)]))
         test[f.flag] = (xt, np.column_stack([yt[:, 0], np.zeros(len(yt), np.int64), reports.encode(tokenizer, test_texts, d.report_len)]))
         tasks[f.flag] = TaskSpec(
             dataset=f.flag, kind="report", num_classes=2, channels=1, spatial_dims=2, image_size=f.size,
@@ -158,6 +186,9 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         else (d.report_len, d.report_tokenizer) if d.task == "report" else None,
         "alpha": d.alpha,
         "holdout": d.holdout_fraction,
+        "val": d.val_fraction,
+        "normalise": d.normalise,
+        "ordinal_loss": cfg.task.ordinal_loss,
         "min": d.min_examples,
         "max_train": d.max_train_per_dataset,
         "max_test": d.max_test_per_dataset,
@@ -170,9 +201,9 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def server_rows(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def image_group_rows(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A seeded ``fraction`` of the rows, whole images at a time (VQA-RAD asks several questions of
-    one image: the server's questions and the clients' never share an image)."""
+    one image: rows carved out this way never share an image with the rows left)."""
     _, group = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
     groups = rng.permutation(group.max() + 1)[: int(round(fraction * (group.max() + 1)))]
     return np.flatnonzero(np.isin(group.reshape(-1), groups))
@@ -192,29 +223,46 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
 
     rng = np.random.default_rng([cfg.seed, 0x5A4D])
     server_rng = np.random.default_rng([cfg.seed, 0x5E7])
+    val_rng = np.random.default_rng([cfg.seed, 0x7A1])
     train: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    val: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     server: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def capped(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if cap and len(x) > cap:
+            keep = np.sort(rng.choice(len(x), cap, replace=False))
+            return x[keep], y[keep]
+        return x, y
+
     for f in files:
         spatial = 3 if f.flag.endswith("3d") else 2
         if f.flag in d.datasets:
-            x, y = load_source(f, "train")
-            if d.max_train_per_dataset and len(x) > d.max_train_per_dataset:
-                keep = np.sort(rng.choice(len(x), d.max_train_per_dataset, replace=False))
-                x, y = x[keep], y[keep]
+            x, y = capped(*load_source(f, "train"), d.max_train_per_dataset)
+            if has_val_split(f):
+                xv, yv = load_source(f, "val")
+            else:  # a seeded carve-out of the training rows, whole images at a time
+                rows = image_group_rows(x, d.val_fraction, val_rng)
+                xv, yv = x[rows], y[rows]
+                rest = np.setdiff1d(np.arange(len(x)), rows)
+                x, y = x[rest], y[rest]
+            xv, yv = capped(xv, yv, d.max_test_per_dataset)
+            val[f.flag] = (_channel_first(xv, spatial), yv)
             if d.server_fraction > 0:
-                rows = server_rows(x, d.server_fraction, server_rng)
+                rows = image_group_rows(x, d.server_fraction, server_rng)
                 server[f.flag] = (_channel_first(x[rows], spatial), y[rows])
                 rest = np.setdiff1d(np.arange(len(x)), rows)
                 x, y = x[rest], y[rest]
             train[f.flag] = (_channel_first(x, spatial), y)
-        xt, yt = load_source(f, "test")
-        if d.max_test_per_dataset and len(xt) > d.max_test_per_dataset:
-            keep = np.sort(rng.choice(len(xt), d.max_test_per_dataset, replace=False))
-            xt, yt = xt[keep], yt[keep]
+        xt, yt = capped(*load_source(f, "test"), d.max_test_per_dataset)
         test[f.flag] = (_channel_first(xt, spatial), yt)
 
-    tasks = {f.flag: source_task(f, d) for f in files}
+    tasks = {f.flag: source_task(f, cfg) for f in files}
+    if d.normalise == "dataset":
+        for flag, (x, _) in train.items():
+            if tasks[flag].normalisable:
+                mean, std = channel_statistics(x)
+                tasks[flag] = replace(tasks[flag], mean=mean, std=std)
     clients = partition(
         {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples
     )
@@ -223,7 +271,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if d.task == "report":
-        _attach_reports(cfg, files, tasks, train, test, clients, tmp, out)
+        _attach_reports(cfg, files, tasks, train, val, test, clients, tmp, out)
     index_rows = []
     for flag, (x, y) in train.items():
         order, offset = [], 0
@@ -231,26 +279,28 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             rows = rows_by_flag.get(flag)
             if rows is None:
                 continue
-            local, held = holdout_split(len(rows), d.holdout_fraction, rng)
-            order += [rows[local], rows[held]]
-            index_rows.append((cid, flag, offset, len(local), len(held)))
+            local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng)
+            order += [rows[local], rows[local_val], rows[held]]
+            index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
             offset += len(rows)
         order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
         _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
-    for flag, (x, y) in server.items():
-        _write_arrow(tmp / f"{flag}.server.arrow", x, y)
-    for flag, split in test.items():
-        _write_arrow(tmp / f"{flag}.test.arrow", *split)
+    for name, splits in (("val", val), ("server", server), ("test", test)):
+        for flag, split in splits.items():
+            _write_arrow(tmp / f"{flag}.{name}.arrow", *split)
 
-    cids, flags, offsets, n_train, n_hold = zip(*sorted(index_rows))
+    cids, flags, offsets, n_train, n_val, n_hold = zip(*sorted(index_rows))
     pq.write_table(
-        pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_holdout": n_hold}),
+        pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_val": n_val, "num_holdout": n_hold}),
         tmp / "index.parquet",
     )
+
     def describe(f: DatasetFile) -> dict:
         return {
             "shape": list(test[f.flag][0].shape[1:]),
             "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
+            "num_val": int(len(val[f.flag][0])) if f.flag in val else 0,
+            "val_source": ("own" if has_val_split(f) else f"carved from train ({d.val_fraction:g}, by image)") if f.flag in val else None,
             "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
             "num_test": int(len(test[f.flag][0])),
             "file": str(f.path),
@@ -293,7 +343,8 @@ class Split:
 class ClientShard:
     client_id: int
     train: dict[str, Split]
-    holdout: dict[str, Split]
+    holdout: dict[str, Split]  # the client's own test rows (personalised metrics)
+    val: dict[str, Split] = field(default_factory=dict)  # the client's own validation rows (selection)
 
     @property
     def num_train(self) -> int:
@@ -345,28 +396,44 @@ class ShardSet:
         return self._arrays[key]
 
     def client(self, client_id: int) -> ClientShard:
-        train, holdout = {}, {}
+        train, val, holdout = {}, {}, {}
         for row in self.index.get(client_id, []):
             whole = self._split(row["dataset"], "train")
-            start, mid = row["offset"], row["offset"] + row["num_train"]
-            end = mid + row["num_holdout"]
-            train[row["dataset"]] = Split(whole.images[start:mid], whole.labels[start:mid])
-            holdout[row["dataset"]] = Split(whole.images[mid:end], whole.labels[mid:end])
-        return ClientShard(client_id, train, holdout)
+            start = row["offset"]
+            train_end = start + row["num_train"]
+            val_end = train_end + row["num_val"]
+            end = val_end + row["num_holdout"]
+            train[row["dataset"]] = whole[start:train_end]
+            val[row["dataset"]] = whole[train_end:val_end]
+            holdout[row["dataset"]] = whole[val_end:end]
+        return ClientShard(client_id, train, holdout, val)
 
-    def client_sizes(self) -> dict[int, tuple[int, int]]:
-        """client id → (local training examples, held-out examples)."""
+    def client_sizes(self) -> dict[int, tuple[int, int, int]]:
+        """client id → (local training examples, validation examples, held-out examples)."""
         return {
-            cid: (sum(r["num_train"] for r in rows), sum(r["num_holdout"] for r in rows))
+            cid: (sum(r["num_train"] for r in rows), sum(r["num_val"] for r in rows), sum(r["num_holdout"] for r in rows))
             for cid, rows in self.index.items()
         }
 
     def test(self, flag: str) -> Split:
         return self._split(flag, "test")
 
+    def val(self, flag: str) -> Split:
+        """The validation split of ``flag`` (empty when it has none: a carve-out of 0 rows)."""
+        if not self.meta["datasets"].get(flag, {}).get("num_val"):
+            return self._empty(flag)
+        return self._split(flag, "val")
+
+    def evaluation_split(self, flag: str, split: str) -> Split:
+        """The global model's evaluation rows of ``flag``: ``val`` or ``test``."""
+        return self.val(flag) if split == "val" else self.test(flag)
+
+    def _empty(self, flag: str) -> Split:
+        info = {**self.meta["datasets"], **self.meta.get("held_out", {})}[flag]
+        return Split(np.zeros((0, *info["shape"]), np.uint8), np.zeros((0, 1), np.int32))
+
     def server(self, flag: str) -> Split:
         """The server's own rows of ``flag`` (empty when ``data.server_fraction`` is 0)."""
         if not self.meta["datasets"][flag].get("num_server"):
-            shape = self.meta["datasets"][flag]["shape"]
-            return Split(np.zeros((0, *shape), np.uint8), np.zeros((0, 1), np.int32))
+            return self._empty(flag)
         return self._split(flag, "server")

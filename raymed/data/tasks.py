@@ -19,10 +19,13 @@ ordinal-regression); two more kinds reuse the same rows differently:
 
 Classification losses:
 
-- binary / multi-class: softmax cross-entropy over C classes (MedMNIST's own convention).
+- binary / multi-class: softmax cross-entropy over C classes (MedMNIST's own convention);
+  ``task.class_weighting: balanced`` weights class c by n / (C · n_c) of the client's own labels.
 - multi-label (ChestMNIST): a sigmoid per label, binary cross-entropy.
-- ordinal (RetinaMNIST): cumulative ("extended binary") logits, one per threshold k < C-1, trained
-  with BCE on [y > k]; the prediction counts the thresholds passed, so grade errors are ordered.
+- ordinal (RetinaMNIST), ``task.ordinal_loss``: ``ce`` (default) treats the grades as C classes with
+  softmax cross-entropy and predicts the arg-max, as MedMNIST's benchmarks do, so numbers compare
+  with the literature; ``cumulative`` ("extended binary") has one logit per threshold k < C-1, trained
+  with BCE on [y > k], and predicts the median grade, so grade errors are ordered.
 - prognosis (an ordinal dataset listed in ``data.prognosis``): the grade read as a discrete time to
   event, grade k = the event in interval k. One hazard logit per interval k < C-1,
   h_k = σ(z_k) = P(Y = k | Y ≥ k), trained with the logistic-hazard survival loss (Gensheimer &
@@ -77,9 +80,16 @@ class TaskSpec:
     report_len: int = 0  # report: tokens per report (BOS and EOS included)
     tokenizer: str = ""  # report: folder of the tokenizer (transformers' save_pretrained)
     class_names: tuple[str, ...] = ()  # report: diagnosis classes (the diagnosis-driven prompts)
+    ordinal_loss: Literal["ce", "cumulative"] = "ce"  # ordinal: softmax over grades, or threshold logits
+    # Input scaling, per stored channel, on intensities in [0, 1]: (x − mean) / std. The default
+    # (0.5, 0.5) maps [0, 255] to [−1, 1]; data.normalise=dataset sets the training rows' own statistics.
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    class_weights: tuple[float, ...] = ()  # per-class loss weights (task.class_weighting=balanced), () = none
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "class_names", tuple(self.class_names))  # JSON gives back a list
+        for name in ("class_names", "mean", "std", "class_weights"):  # JSON gives back lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
     def from_medmnist(cls, flag: str, synthetic: bool = False) -> TaskSpec:
@@ -107,14 +117,45 @@ class TaskSpec:
 
     @property
     def graded(self) -> bool:
-        """Whether the classes are ordered grades (ordinal or prognosis): C−1 outputs, median prediction."""
+        """Whether the classes are ordered grades (ordinal or prognosis): grade MAE among the metrics."""
         return self.kind in ("ordinal", "prognosis")
+
+    @property
+    def per_threshold(self) -> bool:
+        """Whether the outputs are C−1 logits, one per grade threshold (cumulative ordinal, prognosis
+        hazards), whose prediction is the median grade."""
+        return self.kind == "prognosis" or (self.kind == "ordinal" and self.ordinal_loss == "cumulative")
+
+    @property
+    def single_label(self) -> bool:
+        """One class per row, scored by softmax cross-entropy (class weights apply)."""
+        return self.kind in ("binary", "multiclass") or (self.kind == "ordinal" and not self.per_threshold)
+
+    @property
+    def augmentable(self) -> bool:
+        """Whether training batches may be augmented: 2D images classified (not super-resolution's
+        paired input and target, not question or report inputs, not volumes)."""
+        return self.kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis") and self.spatial_dims == 2
+
+    @property
+    def normalisable(self) -> bool:
+        """Whether inputs may be standardised by dataset statistics (super-resolution reads [−1, 1] pixels)."""
+        return self.kind != "superres"
 
     @property
     def num_outputs(self) -> int:
         if self.kind == "superres":
             return self.channels * self.image_size**self.spatial_dims
-        return self.num_classes - 1 if self.graded else self.num_classes
+        return self.num_classes - 1 if self.per_threshold else self.num_classes
+
+    def balanced(self, labels: np.ndarray) -> TaskSpec:
+        """This task with class weights n / (C · n_c) from ``labels`` (a client's own training labels);
+        unchanged where class weights do not apply."""
+        if not self.single_label or len(labels) == 0:
+            return self
+        counts = np.bincount(np.asarray(labels)[:, 0].astype(np.int64), minlength=self.num_classes).astype(np.float64)
+        weights = len(labels) / (self.num_classes * np.maximum(counts, 1.0))
+        return replace(self, class_weights=tuple(float(w) for w in weights))
 
     @property
     def primary_metric(self) -> str:
@@ -137,7 +178,7 @@ class TaskSpec:
 
     def inputs(self, images: np.ndarray, labels: np.ndarray, in_channels: int, device: torch.device) -> tuple[ModelInput, torch.Tensor]:
         """A batch (model input, target) from stored uint8 images and labels, on ``device``."""
-        x = to_model_input(images, in_channels, device)
+        x = to_model_input(images, in_channels, device, self.mean, self.std)
         if self.kind == "superres":
             target = x[:, : self.channels].clone()
             return degrade(x, self.scale), target
@@ -150,6 +191,22 @@ class TaskSpec:
         return x, torch.as_tensor(labels, device=device)
 
     # ---- report text
+
+    @property
+    def generated(self) -> bool:
+        """Whether outputs are generated (report token ids), which the server model's ranks produce."""
+        return self.kind == "report"
+
+    def samples(self, outputs: np.ndarray, targets: np.ndarray, round_: int, count: int) -> list[dict]:
+        """The first ``count`` generated outputs beside their references, for the run folder (none
+        for tasks whose outputs are not text)."""
+        if self.kind != "report":
+            return []
+        n = min(count, len(targets))
+        return [
+            {"round": round_, "dataset": self.dataset, "row": i, "diagnosis": self.class_names[int(targets[i, 0])], "reference": ref, "generated": gen}
+            for i, (gen, ref) in enumerate(zip(self.decode(outputs[:n]), self.decode(targets[:n, 2:])))
+        ]
 
     @property
     def pad_id(self) -> int:
@@ -177,12 +234,13 @@ class TaskSpec:
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, labels.float())
         target = labels[:, 0].long()
-        if self.kind == "ordinal":
-            thresholds = torch.arange(self.num_outputs, device=logits.device)
-            return F.binary_cross_entropy_with_logits(logits, (target[:, None] > thresholds).float())
         if self.kind == "prognosis":
             return survival_nll(logits, target)
-        return F.cross_entropy(logits, target)
+        if self.per_threshold:
+            thresholds = torch.arange(self.num_outputs, device=logits.device)
+            return F.binary_cross_entropy_with_logits(logits, (target[:, None] > thresholds).float())
+        weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device) if self.class_weights else None
+        return F.cross_entropy(logits, target, weight=weight)
 
     # ---- evaluation
 
@@ -194,7 +252,7 @@ class TaskSpec:
             return logits.cpu().numpy()
         if self.kind == "multilabel":
             return torch.sigmoid(logits).cpu().numpy()
-        if self.kind == "ordinal":
+        if self.kind == "ordinal" and self.per_threshold:
             exceed = torch.cummin(torch.sigmoid(logits), dim=1).values  # P(y > k), monotone in k
             ones = torch.ones_like(exceed[:, :1])
             upper = torch.cat([ones, exceed], dim=1)
@@ -207,9 +265,22 @@ class TaskSpec:
     def predict(self, scores: np.ndarray) -> np.ndarray:
         if self.kind == "multilabel":
             return (scores > 0.5).astype(np.int64)
-        if self.graded:  # the median grade: where the cumulative mass crosses 1/2
+        if self.per_threshold:  # the median grade: where the cumulative mass crosses 1/2
             return (1.0 - np.cumsum(scores, axis=1)[:, :-1] > 0.5).sum(axis=1)
         return scores.argmax(axis=1)
+
+    def constant_scores(self, train_labels: np.ndarray, n: int) -> np.ndarray | None:
+        """Outputs of the constant predictor fitted on ``train_labels``, for ``n`` rows: the majority
+        class (answer, grade) one-hot, or each label's majority value (multi-label); None for tasks
+        whose baseline is not a constant (super-resolution: bicubic; reports: none)."""
+        if self.kind in ("superres", "report") or len(train_labels) == 0:
+            return None
+        labels = np.asarray(train_labels)
+        if self.kind == "multilabel":
+            return np.tile((labels.mean(axis=0) > 0.5).astype(np.float32), (n, 1))
+        scores = np.zeros((n, self.num_classes), np.float32)
+        scores[:, majority_class(labels[:, 0], self.num_classes)] = 1.0
+        return scores
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Metrics of outputs ``scores`` against :meth:`targets`."""
@@ -257,6 +328,12 @@ class TaskSpec:
         return out
 
 
+def majority_class(labels: np.ndarray, num_classes: int) -> int:
+    """The most common class of ``labels`` (the lowest one on a tie)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).clip(0, num_classes - 1), minlength=num_classes)
+    return int(counts.argmax())
+
+
 def survival_nll(logits: torch.Tensor, grade: torch.Tensor) -> torch.Tensor:
     """Mean logistic-hazard NLL of ``grade`` under hazards σ(logits) (N×(C−1)); see the module's docstring."""
     intervals = torch.arange(logits.shape[1], device=logits.device)
@@ -284,9 +361,21 @@ def c_index(grades: np.ndarray, risk: np.ndarray) -> float:
         return float("nan")
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, in_channels: int, device: torch.device) -> torch.Tensor:
-    """uint8 N×C×... → float in [-1, 1] on ``device``; gray images repeated when the model takes RGB."""
-    x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+def to_model_input(
+    images: np.ndarray | torch.Tensor,
+    in_channels: int,
+    device: torch.device,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+) -> torch.Tensor:
+    """uint8 N×C×... → float (x/255 − mean) / std per channel on ``device`` (the defaults give [−1, 1]);
+    gray images repeated when the model takes RGB."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(255.0)
+    if len(mean) == 1:
+        x = x.sub_(mean[0]).div_(std[0])
+    else:
+        shape = (1, len(mean)) + (1,) * (x.dim() - 2)
+        x = x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
     if x.shape[1] != in_channels:
         x = x.expand(-1, in_channels, *x.shape[2:])
     return x

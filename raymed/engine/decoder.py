@@ -33,11 +33,11 @@ import torch
 
 from raymed.config import ExperimentConfig, validate_config
 from raymed.data.shards import ShardSet
-from raymed.engine.runtime import Placement
+from raymed.engine.runtime import Placement, configure_torch
 from raymed.errors import ResourceError
 from raymed.methods import Weights, build_method
 
-Chunk = tuple[str, int, int]  # (dataset, first row, end row) of a test split
+Chunk = tuple[str, str, int, int]  # (split: val | test, dataset, first row, end row)
 
 
 def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -68,8 +68,7 @@ class DecoderRank:
         self.shards = ShardSet(shard_dir)
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.engine = None
-        cpus = self.cfg.server.num_cpus / self.cfg.server.ranks
-        torch.set_num_threads(max(1, int(cpus)))
+        configure_torch(self.cfg, self.cfg.server.num_cpus / self.cfg.server.ranks)
 
     def endpoint(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
@@ -144,16 +143,16 @@ class DecoderRank:
             return {k: p.detach().cpu().numpy().copy() for k, p in zip(keys, chosen)}
 
     @torch.no_grad()
-    def generate(self, batches: list[Chunk]) -> list[tuple[str, int, np.ndarray]]:
-        """Generated report ids for each batch of test rows."""
+    def generate(self, batches: list[Chunk]) -> list[tuple[str, str, int, np.ndarray]]:
+        """Generated report ids for each batch of validation or test rows."""
         module = self.engine.module
         module.eval()
         out = []
-        for flag, start, stop in batches:
-            split = self.shards.test(flag)[start:stop]
+        for split_name, flag, start, stop in batches:
+            split = self.shards.evaluation_split(flag, split_name)[start:stop]
             task = self.shards.tasks[flag]
             x, _ = task.inputs(np.array(split.images), np.array(split.labels), module.in_channels, self.engine.device)
-            out.append((flag, start, task.scores(module.predict(x, flag))))
+            out.append((split_name, flag, start, task.scores(module.predict(x, flag))))
         return out
 
     def train_step(self, flag: str, images: np.ndarray, labels: np.ndarray) -> float:
@@ -223,24 +222,24 @@ class DecoderGroup:
     def read(self, keys: list[str]) -> Weights:
         return ray.get([r.read.remote(keys) for r in self.ranks])[0]
 
-    def generate(self, sizes: dict[str, int], batch_size: int) -> list[tuple[str, int, np.ndarray]]:
-        """Reports for every test row, each rank generating an equal number of batches (ZeRO-3 ranks
-        run every forward pass together, so none may stop early)."""
+    def generate(self, sizes: dict[tuple[str, str], int], batch_size: int) -> list[tuple[str, str, int, np.ndarray]]:
+        """Reports for every row of each (split, dataset) of ``sizes``, each rank generating an equal
+        number of batches (ZeRO-3 ranks run every forward pass together, so none may stop early)."""
         per_rank: list[list[Chunk]] = [[] for _ in self.ranks]
-        for flag, n in sizes.items():
+        for (split, flag), n in sizes.items():
             shares = np.array_split(np.arange(n), len(self.ranks))
             num_batches = max(1, math.ceil(max(len(s) for s in shares) / batch_size))
             for rank, share in enumerate(shares):
                 for rows in np.array_split(share, min(num_batches, max(len(share), 1))):
                     if len(rows):
-                        per_rank[rank].append((flag, int(rows[0]), int(rows[-1]) + 1))
+                        per_rank[rank].append((split, flag, int(rows[0]), int(rows[-1]) + 1))
         counts = {len(b) for b in per_rank}
         if len(counts) > 1:  # fewer rows than ranks × batches: let the short ranks repeat their last batch
             most = max(counts)
             per_rank = [b + [b[-1]] * (most - len(b)) if b else b for b in per_rank]
         parts = sum(ray.get([r.generate.remote(b) for r, b in zip(self.ranks, per_rank)]), [])
-        unique = {(flag, start): ids for flag, start, ids in parts}
-        return [(flag, start, ids) for (flag, start), ids in sorted(unique.items())]
+        unique = {(split, flag, start): ids for split, flag, start, ids in parts}
+        return [(*key, ids) for key, ids in sorted(unique.items())]
 
     def train_step(self, flag: str, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
         """One server-side step on every rank (data parallel), rank i on batches[i] = (images, labels)."""

@@ -23,10 +23,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raymed.config import ExperimentConfig
 from raymed.data.shards import ShardSet, locate_sources, materialise
 from raymed.engine.faults import check_faults
-from raymed.engine.runtime import Placement, init_ray, plan_workers
+from raymed.engine.runtime import Placement, determinism, init_ray, plan_workers
 from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, find_user_error
 from raymed.methods import METHODS, build_method, has_server_model
+from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
+from raymed.results.selection import Selection
 from raymed.results.store import RunWriter
 
 logger = logging.getLogger("raymed")
@@ -51,7 +53,11 @@ class Federation:
         files = locate_sources(d)
         shard_dir = materialise(cfg, files)
         cfg = self.cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
-        check_faults(cfg, ShardSet(shard_dir).tasks)
+        shards = ShardSet(shard_dir)
+        check_faults(cfg, shards.tasks)
+        baselines = compute_baselines(shards)
+        self.baselines, self.baseline_metrics = jsonable(baselines), baseline_metrics(baselines)
+        self.selection = Selection(cfg.eval.select, cfg.eval.select_mode, cfg.eval.early_stop_patience)
         self.dashboard = init_ray(cfg.ray)
         self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
         # Only now, with data and resources known to be there, does the run get a folder.
@@ -59,6 +65,10 @@ class Federation:
             "synthetic": any(f.synthetic for f in files),
             "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
             "shards": str(shard_dir),
+            "splits": {flag: {k: info.get(k) for k in ("num_train", "num_val", "val_source", "num_test")} for flag, info in shards.meta["datasets"].items()},
+            "reproducibility": determinism(cfg),
+            "baselines": self.baselines,
+            "baseline_metrics": self.baseline_metrics,
         }
         self.writer = RunWriter.reopen(cfg, resume, meta) if resume is not None else RunWriter(cfg, meta)
         # A server model (report decoder, FedKIM's central model): the server's resources go to its
@@ -101,6 +111,8 @@ class Federation:
         result = ray.get(self.server.run_round.remote())
         self.writer.log_round(result)
         self.round = int(result["metrics"]["round"])
+        if self.selection.update(self.round, result["metrics"]):
+            ray.get(self.server.keep_selected.remote())  # the model of the round selected on validation
         every = self.cfg.engine.checkpoint_every
         if every and (self.round % every == 0 or self.round == self.cfg.rounds) and not METHODS[self.cfg.strategy.name].uses_server_model:
             self.checkpoint(self.run_dir)  # after the round's files: the checkpoint never runs ahead of them
@@ -113,10 +125,10 @@ class Federation:
         state: each is seeded by (seed, round, client) (sampling, availability, faults, batches,
         torch's seed per client)."""
         store = ray.get(self.server.client_state_store.remote())
-        state, clients = ray.get([self.server.get_state.remote(), store.snapshot.remote()])
+        state, selected, clients = ray.get([self.server.get_state.remote(), self.server.get_selected.remote(), store.snapshot.remote()])
         path = Path(folder) / CHECKPOINT_FILE
         tmp = path.with_name(f".{path.name}.tmp")
-        saved = {"server": state, "clients": clients, "rounds": self.writer.rounds, "config": self.cfg.to_dict()}
+        saved = {"server": state, "selected": selected, "clients": clients, "rounds": self.writer.rounds, "config": self.cfg.to_dict()}
         tmp.write_bytes(pickle.dumps(saved, protocol=5))
         tmp.replace(path)
         return path
@@ -129,25 +141,36 @@ class Federation:
         ray.get([self.server.set_state.remote(saved["server"]), store.replace_all.remote(saved["clients"])])
         self.writer.restore_rounds(saved["rounds"])
         self.round = saved["server"].round
+        e = self.cfg.eval
+        self.selection = Selection.replay(saved["rounds"], e.select, e.select_mode, e.early_stop_patience)
+        if saved.get("selected") is not None:
+            ray.get(self.server.set_selected.remote(saved["selected"]))
         return self.round
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether validation has not improved for eval.early_stop_patience evaluations."""
+        return self.selection.should_stop
 
     def close(self, status: str) -> None:
         self.save_model()
-        self.writer.finish(status)
+        self.writer.finish(status, selected=self.selection.summary(), baselines=self.baselines, baseline_metrics=self.baseline_metrics)
         ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
 
     def save_model(self) -> None:
         """The server's weights as ``model.safetensors`` in the run folder (a later run's teacher or
-        foundation model); after a failure, those of the last finished round, when the server still answers."""
-        from raymed.models.pretrained import MODEL_FILE, save_model
+        foundation model), and those of the round selected on validation as ``model-selected.safetensors``;
+        after a failure, those of the last finished round, when the server still answers."""
+        from raymed.models.pretrained import MODEL_FILE, SELECTED_MODEL_FILE, save_model
 
         try:
-            state, tasks = ray.get(self.server.final_model.remote(), timeout=60)
+            (state, tasks), selected = ray.get([self.server.final_model.remote(), self.server.get_selected.remote()], timeout=60)
         except Exception as exc:  # the server died with the failure being reported: the metrics are kept
             logger.warning("no %s written for %s: the server did not answer (%s)", MODEL_FILE, self.name, type(exc).__name__)
             return
-        if state.round >= 1:
-            save_model(self.run_dir / MODEL_FILE, state.weights, self.cfg.model.name, tasks, self.cfg.strategy.name, state.round)
+        for name, chosen in ((MODEL_FILE, state), (SELECTED_MODEL_FILE, selected)):
+            if chosen is not None and chosen.round >= 1:
+                save_model(self.run_dir / name, chosen.weights, self.cfg.model.name, tasks, self.cfg.strategy.name, chosen.round)
 
     def __enter__(self) -> Federation:
         return self
@@ -155,7 +178,7 @@ class Federation:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None:
             status = failure_status(exc)
-        elif self.round >= self.cfg.rounds:
+        elif self.round >= self.cfg.rounds or self.stopped_early:
             status = "completed"
         else:
             status = f"stopped after round {self.round}"
@@ -248,7 +271,7 @@ def _drive(
             info["resumed_from_round"] = federation.restore(restore)
         if on_start:
             on_start(info)
-        while federation.round < cfg.rounds:
+        while federation.round < cfg.rounds and not federation.stopped_early:
             metrics = federation.step()
             if on_round:
                 on_round(federation.round, metrics)

@@ -55,6 +55,35 @@ def init_ray(cfg: RayConfig) -> str | None:
     return f"http://{url}" if url else None
 
 
+def configure_torch(cfg: ExperimentConfig, num_cpus: float) -> None:
+    """Threads and determinism of an actor that runs torch (a client worker, a decoder rank): its
+    thread count is its CPU share, fixed; ``deterministic`` also asks torch for deterministic
+    algorithms (an error, not a silent difference, where an op has none) and one inter-op thread."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or inter-op work already ran in this process
+            pass
+
+
+def determinism(cfg: ExperimentConfig) -> dict[str, object]:
+    """What meta.json records of how reproducible the run is."""
+    import torch
+
+    return {
+        "deterministic": cfg.deterministic,
+        "torch_threads_per_worker": max(1, int(cfg.clients.num_cpus)),
+        "deterministic_algorithms": cfg.deterministic,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
 def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
     """Number of client worker actors: what fits in the cluster, and no more than a round can use.
 

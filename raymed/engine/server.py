@@ -31,7 +31,8 @@ from raymed.engine.client_state import ClientStateStore
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
-from raymed.engine.worker import ClientWorker, client_record, float_state, frozen_state
+from raymed.engine.worker import ClientWorker, EvalChunk, client_record, float_state, frozen_state
+from raymed.results.metrics import EVAL_SPLITS, metric_prefix
 from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
 
@@ -58,15 +59,6 @@ def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[l
     return groups
 
 
-def report_samples(task, generated: np.ndarray, targets: np.ndarray, round_: int, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` test reports, generated beside their references (written with the results)."""
-    n = min(count, len(targets))
-    return [
-        {"round": round_, "dataset": task.dataset, "row": i, "diagnosis": task.class_names[int(targets[i, 0])], "reference": ref, "generated": gen}
-        for i, (gen, ref) in enumerate(zip(task.decode(generated[:n]), task.decode(targets[:n, 2:])))
-    ]
-
-
 class ServerActor:
     def __init__(
         self,
@@ -90,7 +82,8 @@ class ServerActor:
         # A server model in DeepSpeed ranks: the report decoder (the ranks generate the global
         # reports), or a method's own (FedKIM's central model).
         self.decoder = None
-        self.reports = any(t.kind == "report" for t in self.shards.tasks.values())
+        # Generated outputs (reports) come from the server model's ranks, not from the client pool.
+        self.generated = any(t.generated for t in self.shards.tasks.values())
         if has_server_model(self.cfg):
             from raymed.engine.decoder import DecoderGroup
 
@@ -110,7 +103,8 @@ class ServerActor:
         self.workers = [self._start_worker(i) for i in range(num_workers)]
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
-        self.samples: list[dict[str, Any]] = []  # report generation: this round's sample reports
+        self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (report generation)
+        self.selected: ServerState | None = None  # the state of the round selected on validation
 
     def _start_worker(self, i: int) -> Any:
         cfg, shard_dir, run_name, placement = self._spawn
@@ -217,6 +211,7 @@ class ServerActor:
             "clients/retried": sum(1 for x in final.values() if x["attempt"] > 0),
             "clients/late": sum(1 for x in final.values() if x["late"]),
             "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])) if accepted else float("nan"),
+            "train/lr": self.cfg.clients.lr_at(r, self.cfg.rounds),
             "comm/bytes_down": float(sum(x["bytes_down"] for x in records)),
             "comm/bytes_up": float(sum(x["bytes_up"] for x in records)),
             "memory/worker_peak_rss_mb": max(peaks, default=float("nan")),
@@ -295,35 +290,43 @@ class ServerActor:
     # ---- evaluation
 
     def evaluate_global(self) -> dict[str, float]:
+        """The global model on each dataset's validation split (``val/global/<flag>/...``) and test
+        split (``global/<flag>/...``), with the mean over datasets of the primary metric."""
         weights = self.method.eval_weights(self.state)
         if weights is None:
             return {}
-        if self.reports:  # the DeepSpeed ranks hold the master report model and generate
+        sizes = {(split, flag): len(self.shards.evaluation_split(flag, split)) for split in EVAL_SPLITS for flag in self.shards.tasks}
+        sizes = {key: n for key, n in sizes.items() if n}
+        if self.generated:  # the DeepSpeed ranks hold the server model and generate
             self.decoder.load(weights)
-            sizes = {flag: len(self.shards.test(flag)) for flag in self.shards.tasks}
             parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)
         else:
             workers = [self.workers[i] for i in self.live_workers()]
-            chunks: list[list[tuple[str, int, int]]] = [[] for _ in workers]
-            for flag in self.shards.tasks:
-                n = len(self.shards.test(flag))
+            chunks: list[list[EvalChunk]] = [[] for _ in workers]
+            for (split, flag), n in sizes.items():
                 step = math.ceil(n / len(workers))
                 for i, start in enumerate(range(0, n, step)):
-                    chunks[i % len(workers)].append((flag, start, min(start + step, n)))
+                    chunks[i % len(workers)].append((split, flag, start, min(start + step, n)))
             ref = ray.put(weights)
             parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(workers, chunks) if c]), [])
-        parts.sort(key=lambda p: (p[0], p[1]))  # (dataset, first row): chunks back in test-split order
+        parts.sort(key=lambda p: p[:3])  # (split, dataset, first row): chunks back in split order
         out: dict[str, float] = {}
-        for flag, task in self.shards.tasks.items():
-            scores = np.concatenate([s for f, _, s in parts if f == flag])
-            test = self.shards.test(flag)
-            targets = task.targets(test.images, test.labels)
-            for name, value in task.metrics(scores, targets).items():
-                out[f"global/{flag}/{name}"] = value
-            if task.kind == "report":
-                self.samples += report_samples(task, scores, targets, self.state.round, self.cfg.eval.report_samples)
-        for name in self._primary_metrics():
-            out[f"global/mean/{name}"] = float(np.mean([out[f"global/{f}/{name}"] for f in self.shards.tasks]))
+        for split in EVAL_SPLITS:
+            prefix = metric_prefix(split, "global")
+            for flag, task in self.shards.tasks.items():
+                if (split, flag) not in sizes:
+                    continue
+                scores = np.concatenate([s for sp, f, _, s in parts if (sp, f) == (split, flag)])
+                rows = self.shards.evaluation_split(flag, split)
+                targets = task.targets(rows.images, rows.labels)
+                for name, value in task.metrics(scores, targets).items():
+                    out[f"{prefix}/{flag}/{name}"] = value
+                if split == "test":
+                    self.samples += task.samples(scores, targets, self.state.round, self.cfg.eval.report_samples)
+            for name in self._primary_metrics():
+                values = [out[f"{prefix}/{f}/{name}"] for f in self.shards.tasks if f"{prefix}/{f}/{name}" in out]
+                if values:
+                    out[f"{prefix}/mean/{name}"] = float(np.mean(values))
         return out
 
     def _primary_metrics(self) -> list[str]:
@@ -332,35 +335,53 @@ class ServerActor:
         return sorted(names) if len(names) == 1 else []
 
     def evaluate_personalised(self, r: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Every client's personalised model on its own validation rows (``val/personal/...``) and
+        held-out rows (``personal/...``): pooled per dataset, and the mean over clients."""
         clients = sorted(self.sizes)
         workers = [self.workers[i] for i in self.live_workers()]
-        groups = assign(clients, {c: self.sizes[c][1] for c in clients}, len(workers))
+        groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(workers))
         ref = ray.put(self.method.broadcast(self.state))
         futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(workers, groups) if g]
         parts = sum(ray.get(futures), [])
         rows, pooled = [], {}
         for part in parts:
             task = self.shards.tasks[part["dataset"]]
-            rows.append({"round": r, "client_id": part["client_id"], "dataset": part["dataset"], "num_holdout": len(part["labels"]), **task.metrics(part["scores"], part["labels"])})
-            pooled.setdefault(part["dataset"], []).append(part)
+            rows.append(
+                {"round": r, "client_id": part["client_id"], "dataset": part["dataset"], "split": part["split"], "num_rows": len(part["labels"]),
+                 **task.metrics(part["scores"], part["labels"])}
+            )
+            pooled.setdefault((part["split"], part["dataset"]), []).append(part)
         out: dict[str, float] = {}
-        for flag, items in pooled.items():
+        for (split, flag), items in sorted(pooled.items()):
             scores = np.concatenate([p["scores"] for p in items])
             labels = np.concatenate([p["labels"] for p in items])
             for name, value in self.shards.tasks[flag].metrics(scores, labels).items():
-                out[f"personal/{flag}/{name}"] = value
-        by_client: dict[int, list[dict]] = {}
-        for row in rows:
-            by_client.setdefault(row["client_id"], []).append(row)
-        for name in self._primary_metrics():
-            per_client = [np.average([x[name] for x in v], weights=[x["num_holdout"] for x in v]) for v in by_client.values()]
-            out[f"personal/client_mean/{name}"] = float(np.mean(per_client))
+                out[f"{metric_prefix(split, 'personal')}/{flag}/{name}"] = value
+        for split in EVAL_SPLITS:
+            by_client: dict[int, list[dict]] = {}
+            for row in rows:
+                if row["split"] == split:
+                    by_client.setdefault(row["client_id"], []).append(row)
+            for name in self._primary_metrics():
+                per_client = [np.average([x[name] for x in v], weights=[x["num_rows"] for x in v]) for v in by_client.values()]
+                if per_client:
+                    out[f"{metric_prefix(split, 'personal')}/client_mean/{name}"] = float(np.mean(per_client))
         return out, rows
 
     # ---- state access (checkpoints, tests)
 
     def get_state(self) -> ServerState:
         return self.state
+
+    def keep_selected(self) -> None:
+        """Keep a copy of the current state: its round was just selected on validation."""
+        self.selected = ServerState({k: np.array(v, copy=True) for k, v in self.state.weights.items()}, self.state.round, dict(self.state.extra))
+
+    def get_selected(self) -> ServerState | None:
+        return self.selected
+
+    def set_selected(self, state: ServerState | None) -> None:
+        self.selected = state
 
     def final_model(self) -> tuple[ServerState, dict]:
         """The state and the tasks, for the run's model file."""

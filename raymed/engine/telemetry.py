@@ -23,7 +23,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "raymed_eval": ("gauge", "Main evaluation metrics after the last evaluation", ("metric",)),
     "raymed_round_seconds": ("gauge", "Wall time of the last round", ()),
 }
-EVAL_KEYS = ("global/mean/acc", "personal/client_mean/acc")  # the main evaluation metrics exported
+EVAL_KEYS = ("global/mean/acc", "personal/client_mean/acc", "val/global/mean/acc", "val/personal/client_mean/acc")  # exported (test and validation)
 
 
 class Telemetry:

@@ -8,10 +8,11 @@ from raymed.methods.base import (
     ServerState,
     WeightedMean,
     Weights,
+    client_context,
     local_sgd,
     register_method,
 )
-from raymed.methods import dpfedavg, fedavg, fedkim, fedmrg, fedper, fedprox, lorkd, mafm3, omnifm, robust  # noqa: E402,F401  (registers the methods)
+from raymed.methods import central, dpfedavg, fedavg, fedkim, fedmrg, fedper, fedprox, lorkd, mafm3, omnifm, robust  # noqa: E402,F401  (registers the methods)
 
 
 def build_method(name: str, params: dict) -> Method:
@@ -34,6 +35,7 @@ __all__ = [
     "WeightedMean",
     "Weights",
     "build_method",
+    "client_context",
     "has_server_model",
     "local_sgd",
     "register_method",

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from raymed.config import ClientsConfig, ExperimentConfig, ModelConfig
+from raymed.data.augment import Policy, augment, policy_for
 from raymed.data.shards import ClientShard, Split
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import FedModel, build_model
@@ -139,6 +140,8 @@ class ClientContext:
     state: dict[str, np.ndarray] | None = None
     # Simulated data poisoning (a label-flipping Byzantine client): applied to its training labels.
     label_transform: Callable[[TaskSpec, np.ndarray], np.ndarray] | None = None
+    augment: bool = False  # data.augment: modality-suited augmentation of the training batches
+    round_lr: float | None = None  # this round's local learning rate (clients.lr_schedule); None: clients.lr
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
@@ -149,6 +152,11 @@ class ClientContext:
     @property
     def trained_keys(self) -> list[str]:
         return self.model.state_keys(self.shard.datasets)
+
+    @property
+    def lr(self) -> float:
+        """The local learning rate of this round."""
+        return self.round_lr if self.round_lr is not None else self.train.lr
 
     def rng(self) -> np.random.Generator:
         """This client's random stream for this round, seeded by (seed, round, client); one per context,
@@ -196,7 +204,8 @@ class ClientContext:
 
     def batches(self, split: str = "train", batch_size: int | None = None, shuffle: bool = True):
         """Yield (dataset, x, y) mini-batches over the client's data, one dataset per batch, in an
-        order drawn from :meth:`rng` (a new order on every call, the same on every rerun)."""
+        order drawn from :meth:`rng` (a new order on every call, the same on every rerun). Shuffled
+        training batches are augmented (``augment``) by each dataset's policy, from the same stream."""
         batch_size = batch_size or self.train.batch_size
         rng = self.rng()
         plan = []
@@ -206,10 +215,53 @@ class ClientContext:
         if shuffle:
             plan = [plan[i] for i in rng.permutation(len(plan))]
         tensors = self.tensors(split)
+        policies = {flag: self._augmentation(flag) for flag in tensors} if self.augment and split == "train" and shuffle else {}
         for flag, rows in plan:
             x, y = tensors[flag]
             index = torch.as_tensor(rows, device=self.device)
-            yield flag, take(x, index), y[index]
+            x = take(x, index)
+            if policies.get(flag) is not None:
+                x = augment(x, policies[flag], rng)
+            yield flag, x, y[index]
+
+    def _augmentation(self, flag: str) -> Policy | None:
+        task = self.tasks[flag]
+        return policy_for(flag) if task.augmentable else None
+
+
+def client_context(
+    cfg: ExperimentConfig,
+    client_id: int,
+    round_: int,
+    model: FedModel,
+    shards: Any,
+    device: torch.device,
+    initial_weights: Weights,
+    state: dict[str, np.ndarray] | None = None,
+    label_transform: Callable[[TaskSpec, np.ndarray], np.ndarray] | None = None,
+) -> ClientContext:
+    """Client ``client_id`` of a run in round ``round_`` (−1: evaluation, no training), as the
+    config sets it up: its shard (from a :class:`~raymed.data.shards.ShardSet`), its tasks (with its
+    own class weights under ``task.class_weighting: balanced``), augmentation, this round's learning rate."""
+    shard = shards.client(client_id)
+    tasks = shards.tasks
+    if cfg.task.class_weighting == "balanced":
+        tasks = {flag: t.balanced(shard.train[flag].labels) if flag in shard.train else t for flag, t in tasks.items()}
+    return ClientContext(
+        client_id=client_id,
+        round=round_,
+        seed=cfg.seed,
+        model=model,
+        shard=shard,
+        tasks=tasks,
+        train=cfg.clients,
+        device=device,
+        initial_weights=initial_weights,
+        state=state,
+        label_transform=label_transform,
+        augment=cfg.data.augment,
+        round_lr=cfg.clients.lr_at(round_, cfg.rounds) if round_ >= 1 else None,
+    )
 
 
 def take(x: ModelInput, index: torch.Tensor) -> ModelInput:
@@ -220,29 +272,34 @@ def take(x: ModelInput, index: torch.Tensor) -> ModelInput:
 Objective = Callable[[str, ModelInput, torch.Tensor], torch.Tensor]  # (dataset, input, target) -> loss
 
 
-def local_optimizer(params, cfg: ClientsConfig) -> torch.optim.Optimizer:
-    """A fresh local optimiser (``clients.optimizer``) over ``params``."""
+def local_optimizer(params, cfg: ClientsConfig, lr: float) -> torch.optim.Optimizer:
+    """A fresh local optimiser (``clients.optimizer``) over ``params`` at learning rate ``lr``."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Objective | None = None) -> dict[str, float]:
+def local_sgd(
+    ctx: ClientContext,
+    penalty: Penalty | None = None,
+    objective: Objective | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
     """``clients.local_epochs`` epochs of mini-batch SGD (or AdamW, ``clients.optimizer``) on the
     client's data, over ``ctx.trained_keys``.
 
     ``penalty`` (optional) maps the trained parameters (by name) to an extra loss term, e.g.
     FedProx's proximal term. ``objective`` (optional) replaces the task loss of the model's output
     with a loss of the batch, for methods whose loss reads activations (OmniFM's SPAlign).
-    Returns the mean training loss.
+    ``optimizer`` (optional) is one built over ``trained_parameters(ctx)`` by the caller, who keeps its
+    state (centralised training); by default a fresh one per round. Returns the mean training loss.
     """
     if objective is None:
         objective = lambda flag, x, y: ctx.tasks[flag].loss(ctx.model(x, flag), y)  # noqa: E731
     model, cfg = ctx.model, ctx.train
     model.train()
-    trained = set(ctx.trained_keys)
-    params = {name: p for name, p in model.named_parameters() if name in trained}
-    optimizer = local_optimizer(params.values(), cfg)
+    params = trained_parameters(ctx)
+    optimizer = optimizer or local_optimizer(params.values(), cfg, ctx.lr)
     total, steps = torch.zeros((), device=ctx.device), 0
     for _ in range(cfg.local_epochs):
         for flag, x, y in ctx.batches():
@@ -255,6 +312,12 @@ def local_sgd(ctx: ClientContext, penalty: Penalty | None = None, objective: Obj
             total += loss.detach()
             steps += 1
     return {"train_loss": float(total) / max(steps, 1)}
+
+
+def trained_parameters(ctx: ClientContext) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters this client trains, by name, in the model's order."""
+    trained = set(ctx.trained_keys)
+    return {name: p for name, p in ctx.model.named_parameters() if name in trained}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,6 +334,11 @@ class Method(ABC):
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
+
+    def configure(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """Settings the method decides (centralised training: one client holding every row); the
+        returned config is the one validated, run and saved."""
+        return cfg
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         """Refuse (ConfigError, one line) an experiment this method cannot run; called on validation."""

@@ -95,6 +95,8 @@ class FedKIM(Method):
             raise ConfigError("strategy fedkim trains its central model on the server's own split: set data.server_fraction > 0 (e.g. 0.1)")
         if cfg.model.decoder.lora_rank < 1:
             raise ConfigError("strategy fedkim's experts are LoRA experts: set model.decoder.lora_rank >= 1")
+        if d.normalise != "fixed":
+            raise ConfigError("strategy fedkim's central model reads images at the fixed scale its injected encoders were trained on: set data.normalise=fixed")
 
     # ---- models
 

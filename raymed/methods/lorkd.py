@@ -12,8 +12,8 @@ reaches only its own task's expert (gradient separation). The loss distils the t
 
     L = L_task(f_t(x), y) + λ · T² · KL( σ(z^T_t(x) / T) ‖ σ(f_t(x) / T) )
 
-with σ a softmax over classes (binary, multi-class, VQA) or a sigmoid per output (ordinal thresholds,
-multi-label, prognosis hazards). The released MedMNIST script multiplies this KL term by 0; here
+with σ a softmax over classes (binary, multi-class, grades under ``task.ordinal_loss=ce``, VQA) or a
+sigmoid per output (cumulative ordinal thresholds, multi-label, prognosis hazards). The released MedMNIST script multiplies this KL term by 0; here
 λ (``lam``) and T (``temperature``) are real parameters, and λ = 0 is the "KL off" ablation.
 Deployment switches to one task's knowledge and fuses it: W = W0 + ΔW_t, a plain network the size
 of the student; evaluation here scores exactly that fused network.
@@ -68,7 +68,7 @@ def is_expert(key: str) -> bool:
 def distillation_loss(task: TaskSpec, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(teacher ‖ student) of the outputs softened by T, mean over the batch."""
     s, t = student / temperature, teacher / temperature
-    if task.kind in ("binary", "multiclass", "vqa"):
+    if task.single_label or task.kind == "vqa":
         kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), log_target=True, reduction="batchmean")
     else:  # one Bernoulli per output: KL(p ‖ q) = p log(p/q) + (1−p) log((1−p)/(1−q))
         p = torch.sigmoid(t)

@@ -57,6 +57,7 @@ def _train_group(
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in names}
     params = {n: torch.from_numpy(np.stack([s[n] for s in starts])).to(device) for n in names}  # a writable copy
     momentum = {n: torch.zeros_like(p) for n, p in params.items()} if cfg.momentum else None
+    lr = ctxs[0].lr  # one round: every client's schedule is at the same point
 
     def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = task.loss(functional_call(model, {**frozen, **p}, (x, flag)), y)
@@ -76,7 +77,7 @@ def _train_group(
             x = torch.stack([plans[k][t][0] for k in members])
             y = torch.stack([plans[k][t][1] for k in members])
             grads, losses = step_fn({n: v[index] for n, v in params.items()}, x, y)
-            loss_sums.index_add_(0, index, losses.detach())
+            loss_sums[index] += losses.detach()  # each client once per step: no duplicate indices
             for n in names:  # torch.optim.SGD's update, client by client in one tensor op
                 g = grads[n]
                 if cfg.weight_decay:
@@ -84,7 +85,7 @@ def _train_group(
                 if momentum is not None:
                     g = momentum[n][index].mul(cfg.momentum).add(g)
                     momentum[n][index] = g
-                params[n][index] = params[n][index].add(g, alpha=-cfg.lr)
+                params[n][index] = params[n][index].add(g, alpha=-lr)
     out = []
     for k, plan in enumerate(plans):
         weights = {n: params[n][k].detach().cpu().numpy().copy() for n in names}

@@ -27,6 +27,7 @@ from raymed.errors import ConfigError
 from raymed.models import FedModel, build_model
 
 MODEL_FILE = "model.safetensors"
+SELECTED_MODEL_FILE = "model-selected.safetensors"  # the round selected on validation
 PLAIN_STRATEGIES = ("fedavg", "fedprox", "pretrain")  # whose weights are a plain backbone + heads
 
 

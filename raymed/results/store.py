@@ -8,11 +8,13 @@
     clients/round-NNNN.parquet      per-client training records of round NNNN
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
-    summary.json             status (completed / failed: why / interrupted), final metrics, wall time
+    summary.json             status (completed / failed: why / interrupted), the round selected on
+                             validation and its metrics, the last round's metrics, baselines, wall time
     federation.pkl           the checkpoint (every engine.checkpoint_every rounds): server state,
                              clients' persistent state, metrics so far; `raymed run --resume DIR`
     model.safetensors        the server's weights when the run ends (with the backbone's name, the
                              tasks and the strategy as metadata: :mod:`raymed.models.pretrained`)
+    model-selected.safetensors  the server's weights at the round selected on validation
 
 Everything is written as soon as it exists (temporary file, then rename), so a run that fails or
 is interrupted keeps every finished round.
@@ -130,12 +132,15 @@ class RunWriter:
     def _write_rounds(self) -> None:
         _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(self.rounds), preserve_index=False), self.dir / "rounds.parquet")
 
-    def finish(self, status: str) -> dict[str, Any]:
+    def finish(self, status: str, **extra: Any) -> dict[str, Any]:
+        """summary.json: the status, the last round's metrics (``final``) and what the driver adds:
+        the round selected on validation with its metrics (``selected``), the baselines."""
         summary = {
             "status": status,
             "rounds_completed": len(self.rounds),
             "wall_time_s": round(time.time() - self.started, 2),
             "final": self.rounds[-1] if self.rounds else {},
+            **extra,
         }
         _atomic_json(summary, self.dir / "summary.json")
         return summary

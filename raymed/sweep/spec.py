@@ -8,7 +8,7 @@ A sweep file::
     search_space:                                # dotted experiment keys -> one Tune domain each
       strategy.mu: {loguniform: [0.001, 1.0]}
       clients.lr: {grid: [0.01, 0.05, 0.1]}
-    metric: personal/client_mean/acc
+    metric: val/personal/client_mean/acc         # a validation metric: trials are compared on validation only
     mode: max
     num_samples: 2                               # samples of the random/Optuna domains (x every grid point)
     scheduler: {name: asha, grace_period: 2}     # fifo | asha | pbt
@@ -68,7 +68,9 @@ class SweepConfig(Section):
     experiment: str | dict[str, Any] | None = None  # None: the embedded default experiment
     overrides: dict[str, Any] = Field(default_factory=dict)
     search_space: dict[str, dict[str, list[Any]]]
-    metric: str = "personal/client_mean/acc"
+    # What trials are compared on (ASHA, PBT, the best trial): a validation metric, never the test
+    # split; the best trial's test metrics at its best validation round are reported beside it.
+    metric: str = "val/personal/client_mean/acc"
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -89,6 +91,15 @@ class SweepConfig(Section):
             if not isinstance(args, list) or not args:
                 raise ValueError(f"{key}: {kind} takes a non-empty list, got {args!r}")
         return space
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, metric: str) -> str:
+        from raymed.results.metrics import is_validation, val_twin
+
+        if not is_validation(metric):
+            raise ValueError(f"{metric} is a test-split metric; a sweep selects on validation only: use {val_twin(metric)}")
+        return metric
 
     @model_validator(mode="after")
     def _compatible(self) -> SweepConfig:

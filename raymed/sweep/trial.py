@@ -7,7 +7,9 @@ server, the client-state actor and every client worker are pinned to those bundl
 onto the cluster and a trial never waits on resources another trial holds.
 
 The trial reports after every evaluation round (``eval.every``) with ``round`` as the time axis
-for ASHA and PBT, and attaches a checkpoint of the whole federation when due (PBT: every report).
+for ASHA and PBT (which compare trials on the sweep's validation metric), and attaches a checkpoint
+of the whole federation when due (PBT: every report). ``eval.early_stop_patience`` ends a trial
+whose validation metric stopped improving.
 A trial started from a checkpoint (PBT exploit, or a restored sweep) continues from its round.
 """
 
@@ -48,7 +50,7 @@ def run_trial(params: dict[str, Any], experiment: dict[str, Any], metric: str, c
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 federation.restore(folder)
-        while federation.round < cfg.rounds:
+        while federation.round < cfg.rounds and not federation.stopped_early:
             metrics = federation.step()
             r = federation.round
             if "time/eval_s" not in metrics:
@@ -63,7 +65,7 @@ def run_trial(params: dict[str, Any], experiment: dict[str, Any], metric: str, c
                 "placement_group": ray.get_runtime_context().get_placement_group_id(),
                 "worker_placement_groups": ",".join(sorted({str(w["placement_group"]) for w in info["workers"]})),
             }
-            if r == cfg.rounds or (checkpoint_every and r % checkpoint_every == 0):
+            if r == cfg.rounds or federation.stopped_early or (checkpoint_every and r % checkpoint_every == 0):
                 with tempfile.TemporaryDirectory() as folder:
                     federation.checkpoint(folder)
                     tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -21,6 +21,8 @@ from raymed.config import ExperimentConfig, save_config
 from raymed.engine.runtime import init_ray
 from raymed.engine.runtime import federation_bundles, trial_workers
 from raymed.errors import ClientFailure, ResourceError
+from raymed.results.metrics import test_twin
+from raymed.results.selection import Selection
 from raymed.sweep.spec import SweepConfig, probe_values, trial_config
 from raymed.sweep.trial import run_trial, trial_resources
 
@@ -108,17 +110,21 @@ def run_sweep(
     results = tuner.fit()
     folder = storage / sweep.name
 
+    test_metric = test_twin(sweep.metric)
     rows = []
     for result in results:
         m = result.metrics or {}
         params = {k: result.config.get(k) for k in sweep.search_space}
+        selected = Selection.replay(_reports(result), sweep.metric, sweep.mode)
         rows.append(
             {
                 "trial": str(m.get("trial_id") or Path(result.path).name).rsplit("_", 1)[-1],
                 **params,
                 "status": "error" if result.error else "ok",
                 "rounds": int(m.get("round", 0)),
-                sweep.metric: m.get(sweep.metric, float("nan")),
+                "selected_round": selected.round,
+                sweep.metric: selected.value if selected.value is not None else float("nan"),
+                test_metric: selected.metrics.get(test_metric, float("nan")),
                 "wall_s": round(float(m.get("time_total_s", float("nan"))), 1),
                 "path": result.path,
             }
@@ -130,26 +136,40 @@ def run_sweep(
     if not ok:
         errors = "; ".join(str(r.error).strip().splitlines()[-1] for r in results if r.error)[:500]
         raise ClientFailure(f"no trial of sweep {sweep.name} reported {sweep.metric}: {errors}; see {folder}")
-    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last", filter_nan_and_inf=True)
+    # The best trial is the one whose best validation round is best: selection never reads a test metric.
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all", filter_nan_and_inf=True)
     best_params = {k: best.config[k] for k in sweep.search_space}
+    best_row = table.loc[table["path"] == best.path].iloc[0]
     best_cfg = trial_config(experiment, best_params)
     best_cfg = best_cfg.model_copy(update={"name": f"{sweep.name}-best"})
     best_path = folder / "best.yaml"
     save_config(best_cfg, best_path)
-    _print(console, sweep, table, best_params, best.metrics[sweep.metric], folder, best_path)
+    _print(console, sweep, table, best_params, best_row, folder, best_path)
     return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best}
 
 
-def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, value: float, folder: Path, best_path: Path) -> None:
-    view = Table(title=f"sweep {sweep.name}: {len(table)} trials, {sweep.metric} ({sweep.mode}), last report of each trial")
-    shown = ["trial", *sweep.search_space, "status", "rounds", sweep.metric, "wall_s"]
+def _reports(result) -> list[dict[str, Any]]:
+    """A trial's reports, in order (one per evaluated round)."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return [result.metrics] if result.metrics else []
+    return frame.to_dict("records")
+
+
+def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, row: pd.Series, folder: Path, best_path: Path) -> None:
+    test_metric = test_twin(sweep.metric)
+    view = Table(title=f"sweep {sweep.name}: {len(table)} trials, ranked by {sweep.metric} ({sweep.mode}) at each trial's best validation round")
+    shown = ["trial", *sweep.search_space, "status", "rounds", "selected_round", sweep.metric, test_metric, "wall_s"]
     for col in shown:
         view.add_column(col, overflow="fold")
     order = table.sort_values(sweep.metric, ascending=sweep.mode == "min", na_position="last")
-    for _, row in order.iterrows():
-        view.add_row(*[_fmt(row[c]) for c in shown])
+    for _, r in order.iterrows():
+        view.add_row(*[_fmt(r[c]) for c in shown])
     console.print(view)
-    console.print(f"best: {', '.join(f'{k}={_fmt(v)}' for k, v in best.items())} → {sweep.metric} {value:.4f}")
+    console.print(
+        f"best: {', '.join(f'{k}={_fmt(v)}' for k, v in best.items())} → {sweep.metric} {row[sweep.metric]:.4f} at round "
+        f"{_fmt(row['selected_round'])}; test there: {test_metric} {_fmt(row[test_metric])}"
+    )
     console.print(f"best config: {best_path} (run it: raymed run {best_path})", soft_wrap=True)
     console.print(f"trials: {folder / 'trials.csv'}; TensorBoard: tensorboard --logdir {folder}", soft_wrap=True)
 
