@@ -85,6 +85,7 @@ def experiment_overrides(setting: Setting, args: argparse.Namespace, output_dir:
         "clients.local_epochs=1",
         f"clients.batch_size={args.batch_size}",
         f"clients.lr={args.lr}",
+        "data.augment=false",  # the peers train on the rows as they are: the same work everywhere
         f"rounds={args.rounds}",
         f"eval.every={args.rounds}",
         "eval.personalised=false",

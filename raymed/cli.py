@@ -57,12 +57,27 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 
 
+def round_status(m: dict) -> list[str]:
+    """A round's headline numbers: the training loss, each summary metric on validation and test,
+    the round's seconds."""
+    shown = [f"loss {m['train/loss']:.3f}"] if m.get("train/loss") is not None else []
+    for key in sorted(k for k in m if k.startswith(("global/mean/", "personal/client_mean/"))):
+        scope, name = key.split("/")[0], key.rsplit("/", 1)[1]
+        val = m.get(f"val/{key}")
+        shown.append(f"{scope} " + (f"val/{name} {val:.3f} " if val is not None else "") + f"test/{name} {m[key]:.3f}")
+    if m.get("time/round_s") is not None:
+        shown.append(f"{m['time/round_s']:.1f}s")
+    return shown
+
+
 def _run_one(cfg, quiet: bool, resume=None) -> Path:
-    """One run with a progress bar; ``resume``: a :class:`~raymed.engine.federation.ResumePoint` to continue."""
+    """One run with a progress bar on a terminal; elsewhere (a cluster job, ``> log.txt``) one plain
+    line per round as it ends. ``resume``: a :class:`~raymed.engine.federation.ResumePoint` to continue."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from raymed.engine import run_experiment
 
+    plain = not quiet and not console.is_terminal  # a live bar draws nothing into a file until the end
     with Progress(
         TextColumn(f"[bold]{cfg.strategy.name}[/bold]"),
         BarColumn(),
@@ -70,7 +85,7 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
-        disable=quiet,
+        disable=quiet or plain,
         transient=False,
     ) as progress:
         task = progress.add_task("rounds", total=cfg.rounds, status="starting Ray and the client pool")
@@ -82,15 +97,22 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
             done = info.get("resumed_from_round", 0)
             again = f", resumed after round {done}" if done else ""
             progress.console.print(f"{info['run_dir']}: {info['num_workers']} client workers on {nodes} node(s){dash}{again}{note}")
+            ports = {k: v for k, v in (info.get("ports") or {}).items() if v}
+            if ports:
+                progress.console.print("ray ports: " + ", ".join(f"{k} {v}" for k, v in ports.items()), highlight=False)
+            for row in info.get("worker_plan") or []:
+                progress.console.print(
+                    f"  node {row['node']} {row['address']}: {row['free CPUs']:g} CPU, {row['free GPUs']:g} GPU, "
+                    f"{row['memory GB']:g} GB free for clients; fits {row['fit']}, {row['workers']} worker(s) placed",
+                    highlight=False,
+                )
             progress.update(task, completed=done, status=f"round {done + 1}")
 
         def on_round(r: int, m: dict) -> None:
-            shown = [f"loss {m['train/loss']:.3f}"]
-            for key in sorted(k for k in m if k.startswith(("global/mean/", "personal/client_mean/"))):
-                val = m.get(f"val/{key}")
-                shown.append(f"{key.split('/')[0]} {key.rsplit('/', 1)[1]} {m[key]:.3f}" + (f" (val {val:.3f})" if val is not None else ""))
-            shown.append(f"{m['time/round_s']:.1f}s")
+            shown = round_status(m)
             progress.update(task, advance=1, status=" · ".join(shown))
+            if plain:
+                print(f"{cfg.strategy.name} round {r}/{cfg.rounds} " + " ".join(shown), flush=True)
 
         if resume is not None:
             return resume.run(on_round=on_round, on_start=on_start)
@@ -124,6 +146,8 @@ def _embedded_default(overrides: list[str]) -> list:
             "[bold red]No MedMNIST files found: running on SYNTHETIC stand-ins. These are not real results.[/bold red] "
             "Set RAYMED_DATA_DIR to a folder of MedMNIST .npz files (`raymed data check` shows what is found)."
         )
+    if any(o.split("=", 1)[0].strip() in ("strategy", "strategy.name") for o in overrides):
+        return [load_config(None, extra)]  # `--set strategy.name=central`: that strategy alone, on the default federation
     return [load_config(None, [*extra, f"strategy.name={name}"]) for name in DEFAULT_COMPARISON]
 
 

@@ -346,7 +346,8 @@ class RayConfig(Section):
     num_gpus: int | None = Field(None, ge=0)  # logical GPUs of a local Ray (default: those torch sees)
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = Field(8265, ge=1, le=65535)
+    dashboard_port: int = Field(8265, ge=1, le=65535)  # the first port tried; taken (another Ray): the next free one
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)  # Prometheus metrics of a local Ray; None: a free port
 
 
 class ExperimentConfig(Section):

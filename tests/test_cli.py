@@ -81,6 +81,47 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     _assert_one_line_error(raymed("report", str(tmp_path)), "holds no rounds.parquet")
 
 
+@pytest.mark.slow
+def test_redirected_output_shows_each_round_while_it_runs(data_dir, tmp_path):
+    """stdout to a file or pipe (a cluster job): one plain line per round, written when the round ends,
+    not a progress bar that shows nothing until the run is over."""
+    cfg = small_config(data_dir, tmp_path).to_dict()
+    env = {k: v for k, v in os.environ.items() if k != "RAYMED_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "raymed", "run", _write_config(tmp_path, cfg), "--set", "rounds=3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen, running_at_first = [], None
+    for line in proc.stdout:
+        if " round " in line and "/3 " in line:
+            seen.append(line.strip())
+            if running_at_first is None:
+                running_at_first = proc.poll() is None  # the line came while the run went on
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert [line.split()[2] for line in seen] == ["1/3", "2/3", "3/3"], seen
+    assert running_at_first
+    assert all("global val/acc" in line and "test/acc" in line and "loss" in line for line in seen), seen
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_machine_both_complete(data_dir, tmp_path):
+    """Each starts its own local Ray with its dashboard: the second takes free ports instead of dying on 8265."""
+    env = {k: v for k, v in os.environ.items() if k != "RAYMED_DEBUG"}
+    procs = []
+    for i in range(2):
+        cfg = small_config(data_dir, tmp_path / str(i), "rounds=1", "ray.dashboard=true", "ray.num_cpus=2").to_dict()
+        (tmp_path / str(i)).mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-m", "raymed", "run", _write_config(tmp_path / str(i), cfg)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, (out[-2000:], err[-3000:])
+    ports = [line for out, _ in outputs for line in out.splitlines() if line.startswith("ray ports:")]
+    assert len(ports) == 2 and ports[0] != ports[1], ports  # each run its own dashboard and metrics ports
+    for i in range(2):
+        (summary,) = (tmp_path / str(i) / "results").glob("*/summary.json")
+        assert json.loads(summary.read_text())["status"] == "completed"
+
+
 def test_data_check_and_synth(tmp_path):
     proc = raymed("data", "synth", "--out", str(tmp_path), "--scale", "0.02", "breastmnist")
     assert proc.returncode == 0 and (tmp_path / "breastmnist.npz").is_file()

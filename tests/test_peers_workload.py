@@ -30,7 +30,7 @@ def test_bare_loop_does_the_work_of_a_raymed_fedavg_round(data_dir, tmp_path, ra
     cfg = small_config(
         data_dir, tmp_path,
         "data.datasets=[pneumoniamnist]", "data.partition=dirichlet", "data.alpha=0.5",
-        "clients.num=8", "clients.fraction=0.5", "clients.batch_size=512", "rounds=1",
+        "clients.num=8", "clients.fraction=0.5", "clients.batch_size=512", "rounds=1", "data.augment=false",
         "eval.personalised=false",
     )  # fmt: skip
     peers.export_workload(cfg, tmp_path / "workload")

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from raymed.config import load_config
 from raymed.data.augment import POLICIES, Policy, augment, policy_for
@@ -190,14 +191,23 @@ def _accumulate(method, update):
 
 
 def test_deterministic_runs_are_bit_identical_and_report_validation_and_baselines(data_dir, tmp_path, ray_session):
-    """Two deterministic FedPer runs of one config: identical rounds.parquet (but for timings)."""
-    overrides = ["strategy.name=fedper", "deterministic=true", "clients.momentum=0.9", "data.partition=modality", "data.alpha=0.5"]
+    """Two deterministic FedPer runs of one config (2 workers, 3 rounds): identical rounds.parquet (but
+    for timings), identical model files and client states."""
+    overrides = ["strategy.name=fedper", "deterministic=true", "rounds=3", "engine.num_workers=2", "clients.momentum=0.9",
+                 "data.partition=modality", "data.alpha=0.5"]
     runs = [read_run(run_experiment(small_config(data_dir, tmp_path / str(i), *overrides))) for i in range(2)]
     a, b = (r["rounds"] for r in runs)
+    assert list(a["round"]) == [1, 2, 3]
     measured = [c for c in a.columns if c.startswith(("time/", "memory/"))]
     pd.testing.assert_frame_equal(a.drop(columns=measured), b.drop(columns=measured), check_exact=True)
+    for name in ("model.safetensors", "model-selected.safetensors"):  # the same tensors, bit for bit, and metadata
+        files = [safe_open(str(r["dir"] / name), "np") for r in runs]
+        assert files[0].metadata() == files[1].metadata() and sorted(files[0].keys()) == sorted(files[1].keys()), name
+        for key in files[0].keys():
+            assert files[0].get_tensor(key).tobytes() == files[1].get_tensor(key).tobytes(), (name, key)
     for run in runs:
         assert run["meta"]["reproducibility"]["deterministic"] is True
+        assert len(run["meta"]["workers"]) == 2
     rounds = a
     assert {"val/personal/client_mean/acc", "personal/client_mean/acc", "val/personal/breastmnist/acc"} <= set(rounds.columns)
     assert not any(c.startswith(("global/", "val/global/")) for c in rounds.columns)  # FedPer has no global model

@@ -146,3 +146,17 @@ def test_lorkd_and_mafm3_sweep_like_every_strategy(data_dir, tmp_path, ray_sessi
     assert main(["tune", str(path), "--quiet"]) == 0
     trials = pd.read_csv(tmp_path / "tune" / "paper-sweep" / "trials.csv")
     assert len(trials) == 2 and set(trials["status"]) == {"ok"} and trials[metric].notna().all()
+
+
+@pytest.mark.slow
+def test_central_reference_sweeps_like_every_strategy(data_dir, tmp_path, ray_session):
+    """The centralised reference in a sweep: each trial is one client holding every row, judged on validation."""
+    experiment = small_config(data_dir, tmp_path, "rounds=1", "strategy.name=central", "data.max_train_per_dataset=90", "data.max_test_per_dataset=40").to_dict()
+    path = _sweep_file(tmp_path, data_dir, name="central-sweep", experiment=experiment, scheduler={"name": "fifo"},
+                       search_space={"clients.lr": {"grid": [0.01, 0.05]}})
+    assert main(["tune", str(path), "--quiet"]) == 0
+    folder = tmp_path / "tune" / "central-sweep"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"ok"} and trials["val/global/mean/acc"].notna().all()
+    best = load_config(folder / "best.yaml")
+    assert (best.strategy.name, best.clients.num, best.clients.fraction, best.data.partition) == ("central", 1, 1.0, "iid")

@@ -98,6 +98,36 @@ def test_superresolution_federation_improves_on_bicubic(data_dir, tmp_path, ray_
 
 
 @needs_vqa
+def test_vqa_validation_is_carved_out_by_image(tmp_path):
+    """VQA-RAD ships no validation split: a seeded share of its training questions, whole images at a
+    time, so no validation question shares an image with a question any client trains on."""
+    cfg = load_config(
+        None,
+        [
+            "data.datasets=[vqarad_head,vqarad_chest]",
+            f"data.vqa_root={VQA_DIR}",
+            "data.val_fraction=0.2",
+            "clients.num=3",
+            f"output_dir={tmp_path / 'results'}",
+            f"data.cache_dir={tmp_path / 'shards'}",
+        ],
+    )
+    shards = ShardSet(materialise(cfg))
+    as_bytes = lambda a: {r.tobytes() for r in np.asarray(a).reshape(len(a), -1)}  # noqa: E731
+    for flag in ("vqarad_head", "vqarad_chest"):
+        assert "carved" in shards.meta["datasets"][flag]["val_source"]
+        val = shards.val(flag)
+        client_rows = [shards.client(c) for c in range(3)]
+        trained = set().union(*(as_bytes(c.train[flag].images) for c in client_rows if flag in c.train))
+        held = set().union(*(as_bytes(c.holdout[flag].images) for c in client_rows if flag in c.holdout))
+        assert len(val) > 0 and trained
+        assert not as_bytes(val.images) & (trained | held), flag  # no image on both sides
+        # The carve-out is questions, not rows lost: every training question is in val or with a client.
+        total = sum(len(c.train[flag]) + len(c.val[flag]) + len(c.holdout[flag]) for c in client_rows if flag in c.train)
+        assert total + len(val) == len(vqa_rad.load_split(vqa_rad.find_root(str(VQA_DIR)), flag, "train", 28)[0])
+
+
+@needs_vqa
 def test_vqa_federation_runs_per_organ(tmp_path, ray_session):
     cfg = load_config(
         None,
@@ -155,3 +185,22 @@ def test_prognosis_needs_a_graded_dataset(data_dir, tmp_path):
         small_config(data_dir, tmp_path, "data.prognosis=[breastmnist]")
     with pytest.raises(ValueError, match="not ordinal"):
         TaskSpec.from_medmnist("breastmnist").prognosis()
+
+
+def test_auc_and_macro_f1_equal_scikit_learn_on_model_outputs():
+    """AUC (one-vs-rest macro for multi-class, as MedMNIST reports it) and macro-F1 from logits through
+    the task's own scores, against scikit-learn on the same probabilities and arg-max predictions."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    rng = torch.Generator().manual_seed(0)
+    for task in (TaskSpec("bloodmnist", "multiclass", 8, 3, 2), TaskSpec("breastmnist", "binary", 2, 1, 2), TaskSpec("retinamnist", "ordinal", 5, 3, 2)):
+        labels = np.arange(60)[:, None] % task.num_classes
+        logits = torch.randn(60, task.num_outputs, generator=rng) + 2.0 * torch.nn.functional.one_hot(torch.as_tensor(labels[:, 0]), task.num_outputs)
+        scores = task.scores(logits)
+        probs = torch.softmax(logits, 1).numpy()
+        m = task.metrics(scores, labels)
+        y, pred = labels[:, 0], probs.argmax(1)
+        assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro")), task.kind
+        expected = roc_auc_score(y, probs[:, 1]) if task.num_classes == 2 else roc_auc_score(y, probs, multi_class="ovr", average="macro")
+        assert m["auc"] == pytest.approx(expected, rel=1e-6), task.kind
+        assert m["acc"] == pytest.approx(np.mean(pred == y)) and 0.3 < m["acc"] < 1.0  # a fixture that is neither trivial nor hopeless

@@ -33,6 +33,7 @@ import torch
 
 from raymed.config import ExperimentConfig, validate_config
 from raymed.data.shards import ShardSet
+from raymed.engine.devices import local_rank_env
 from raymed.engine.runtime import Placement, configure_torch
 from raymed.errors import ResourceError
 from raymed.methods import Weights, build_method
@@ -78,11 +79,10 @@ class DecoderRank:
         return ray.util.get_node_ip_address(), port
 
     def start(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        os.environ.update(
-            RANK=str(self.rank), LOCAL_RANK="0", WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port)
-        )
+        s = self.cfg.server
+        per_rank = s.num_gpus / max(s.ranks, 1)
+        # The GPU Ray assigned this rank (LOCAL_RANK: its place among those this process sees), or the CPU.
+        os.environ.update(local_rank_env(self.rank, self.world_size, master_addr, master_port, whole_gpus=per_rank >= 1 and per_rank == int(per_rank)))
         import deepspeed
 
         model = self.method.build_server_model(self.cfg, self.shards)

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raymed.config import ExperimentConfig
 from raymed.data.shards import ShardSet, locate_sources, materialise
 from raymed.engine.faults import check_faults
-from raymed.engine.runtime import Placement, determinism, init_ray, plan_workers
+from raymed.engine.runtime import PORTS, Placement, determinism, init_ray, plan_cluster
 from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, find_user_error
 from raymed.methods import METHODS, build_method, has_server_model
@@ -59,7 +59,8 @@ class Federation:
         self.baselines, self.baseline_metrics = jsonable(baselines), baseline_metrics(baselines)
         self.selection = Selection(cfg.eval.select, cfg.eval.select_mode, cfg.eval.early_stop_patience)
         self.dashboard = init_ray(cfg.ray)
-        self.num_workers = len(placement.worker_bundles) if placement else plan_workers(cfg, ray.cluster_resources())
+        self.plan = None if placement else plan_cluster(cfg)
+        self.num_workers = len(placement.worker_bundles) if placement else self.plan.num_workers
         # Only now, with data and resources known to be there, does the run get a folder.
         meta = {
             "synthetic": any(f.synthetic for f in files),
@@ -69,6 +70,8 @@ class Federation:
             "reproducibility": determinism(cfg),
             "baselines": self.baselines,
             "baseline_metrics": self.baseline_metrics,
+            "worker_plan": self.plan.rows() if self.plan else None,
+            "ray_ports": dict(PORTS),
         }
         self.writer = RunWriter.reopen(cfg, resume, meta) if resume is not None else RunWriter(cfg, meta)
         # A server model (report decoder, FedKIM's central model): the server's resources go to its
@@ -86,7 +89,8 @@ class Federation:
             needs = options["num_cpus"] or options["num_gpus"]  # a server with no resources always fits there
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=bool(needs))
         self.server = ray.remote(ServerActor).options(**options).remote(
-            cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement
+            cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement,
+            self.plan.node_of_worker() if self.plan else None,
         )
         self.round = 0
         self.info: dict[str, Any] = {}
@@ -103,7 +107,8 @@ class Federation:
         """Wait for the server and its workers; returns where they run."""
         described = ray.get(self.server.describe.remote())
         self.writer.add_meta(workers=described["workers"], dashboard=self.dashboard, **{k: described[k] for k in ("decoder",) if k in described})
-        self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard, **described}
+        self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard,
+                     "worker_plan": self.plan.rows() if self.plan else None, "ports": dict(PORTS), **described}
         return self.info
 
     def step(self) -> dict[str, Any]:

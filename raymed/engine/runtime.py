@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+import random
+import time
+from dataclasses import dataclass, replace
 
 import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
@@ -22,35 +24,72 @@ from raymed.config import ExperimentConfig, RayConfig
 from raymed.errors import ResourceError
 
 WORKER_MEMORY_BYTES = 0.6 * 2**30  # measured: a Ray actor that imports torch holds about 0.55 GB RSS
+logger = logging.getLogger("raymed")
 TRIAL_DRIVER_CPUS = 0.25  # a Tune trial's own process only waits on its server actor
 
 
+def free_port(host: str = "127.0.0.1", start: int | None = None, tries: int = 100) -> int:
+    """A port free on ``host`` now: ``start`` or the next free one after it, else any the OS gives."""
+    import socket
+
+    for port in ([*range(start, min(start + tries, 65536))] if start else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise ResourceError(f"no free port on {host}")
+
+
+PORTS: dict[str, int | None] = {}  # the ports this process's local Ray took (init_ray): printed at start, saved in meta.json
+
+
 def init_ray(cfg: RayConfig) -> str | None:
-    """Start or join Ray once per process; returns the dashboard URL when there is one."""
+    """Start or join Ray once per process; returns the dashboard URL when there is one.
+
+    A local Ray takes free ports: the dashboard ``ray.dashboard_port`` or the next free one (a second
+    run on the same machine gets its own), the metrics export port ``ray.metrics_export_port`` or any
+    free one. Two runs that pick the same port at the same moment: the loser tries again."""
     if ray.is_initialized():
         return None
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    try:
-        if cfg.address:
-            context = ray.init(address=cfg.address, **quiet)
-        else:
-            import torch
+    attempts = 1 if cfg.address else 3
+    for attempt in range(attempts):
+        try:
+            if cfg.address:
+                context = ray.init(address=cfg.address, **quiet)
+            else:
+                import torch
 
-            context = ray.init(
-                address="local",  # a new Ray of our own, even when another one runs on this machine
-                num_cpus=cfg.num_cpus or os.cpu_count() or 1,
-                num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
-                include_dashboard=cfg.dashboard,
-                dashboard_host=cfg.dashboard_host,
-                dashboard_port=cfg.dashboard_port,
-                **quiet,
+                host = cfg.dashboard_host
+                first = cfg.dashboard_port + attempt * random.randint(1, 50)  # a retry after a race looks further on
+                PORTS.update(dashboard=free_port(host if host != "0.0.0.0" else "", first) if cfg.dashboard else None,
+                             metrics_export=cfg.metrics_export_port or free_port())
+                context = ray.init(
+                    address="local",  # a new Ray of our own, even when another one runs on this machine
+                    num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+                    num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
+                    include_dashboard=cfg.dashboard,
+                    dashboard_host=host,
+                    **({"dashboard_port": PORTS["dashboard"]} if cfg.dashboard else {}),
+                    _metrics_export_port=PORTS["metrics_export"],
+                    **quiet,
+                )
+            break
+        except Exception as exc:  # Ray raises a bare Exception when its dashboard cannot bind
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt + 1 < attempts and ("port" in str(exc).lower() or "dashboard" in str(exc).lower()):
+                time.sleep(random.uniform(0.5, 2.0))  # the other run that took the port is starting too
+                continue
+            where = f"the Ray cluster at {cfg.address}" if cfg.address else "a local Ray"
+            hint = (
+                "check ray.address, and that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds the cluster's token"
+                if cfg.address
+                else "another Ray may hold its ports (`ray status`); set ray.dashboard_port / ray.metrics_export_port, or ray.dashboard=false"
             )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {cfg.address}" if cfg.address else "a local Ray"
-        raise ResourceError(
-            f"could not start or reach {where}: {exc}; check ray.address, and that RAY_AUTH_TOKEN (or "
-            f"~/.ray/auth_token) holds the cluster's token"
-        ) from None
+            raise ResourceError(f"could not start or reach {where}: {exc}; {hint}") from None
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url else None
 
@@ -80,54 +119,168 @@ def determinism(cfg: ExperimentConfig) -> dict[str, object]:
         "deterministic": cfg.deterministic,
         "torch_threads_per_worker": max(1, int(cfg.clients.num_cpus)),
         "deterministic_algorithms": cfg.deterministic,
-        "cuda": torch.cuda.is_available(),
+        "cuda_devices_on_driver_host": torch.cuda.device_count(),  # where each actor computes: meta.json's workers
     }
 
 
-def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Number of client worker actors: what fits in the cluster, and no more than a round can use.
+@dataclass(frozen=True)
+class NodeShare:
+    """One node's part of a worker plan: what is free there for client workers, and how many go there."""
 
-    Ray's resources are logical, so an actor asking for more than exists would wait forever: refuse
-    such a layout here, with the numbers, instead of hanging.
+    node_id: str
+    address: str
+    cpus: float  # free for client workers (after the server, where it runs here)
+    gpus: float
+    memory: float  # bytes; 0 when Ray does not say
+    capacity: int  # client workers that fit here by CPUs and GPUs
+    memory_capacity: int  # ... and by memory (about 0.6 GB each)
+    workers: int = 0  # client workers planned here
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Where the client workers go: a count per node (workers are pinned, softly, to their node)."""
+
+    nodes: tuple[NodeShare, ...]
+
+    @property
+    def num_workers(self) -> int:
+        return sum(n.workers for n in self.nodes)
+
+    def node_of_worker(self) -> list[str]:
+        """Node id of each worker slot, in slot order (node by node)."""
+        return [n.node_id for n in self.nodes for _ in range(n.workers)]
+
+    def rows(self) -> list[dict[str, object]]:
+        """The plan as a table (printed at start, saved in meta.json)."""
+        return [
+            {"node": n.node_id[:8], "address": n.address, "free CPUs": n.cpus, "free GPUs": n.gpus,
+             "memory GB": round(n.memory / 1e9, 1), "fit": min(n.capacity, n.memory_capacity), "workers": n.workers}
+            for n in self.nodes
+        ]
+
+
+def cluster_nodes() -> list[dict[str, object]]:
+    """The alive nodes of the Ray cluster this process is connected to, with their total resources."""
+    return [
+        {"node_id": n["NodeID"], "address": n.get("NodeManagerAddress", ""), "resources": dict(n.get("Resources", {}))}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def plan_nodes(cfg: ExperimentConfig, nodes: list[dict[str, object]], server_node: str | None = None) -> WorkerPlan:
+    """Place the client workers on the nodes where they fit, as Flower sizes its pool per node.
+
+    Each node's free CPUs, GPUs and memory (after the server on ``server_node``, the driver's node)
+    bound how many workers it holds; the workers a run can use (a round's clients, or
+    ``engine.num_workers``, or one per client when ``engine.mode=dedicated``) are dealt round-robin
+    over the nodes with room, the server's node first. Ray's resources are logical, so an actor asking
+    for more than any node has would wait forever: such a layout is refused here, with the numbers.
     """
     c, s = cfg.clients, cfg.server
-    free_cpus = resources.get("CPU", 0.0) - s.num_cpus
-    free_gpus = resources.get("GPU", 0.0) - s.num_gpus
-    fit = math.floor(free_cpus / c.num_cpus + 1e-9)
-    if c.num_gpus > 0:
-        if free_gpus < c.num_gpus:
-            raise ResourceError(
-                f"clients.num_gpus={c.num_gpus} but the cluster has {free_gpus:g} GPU(s) free after the server; "
-                f"set clients.num_gpus=0 to train on CPU"
-            )
-        fit = min(fit, math.floor(free_gpus / c.num_gpus + 1e-9))
-    if fit < 1:
+    ordered = sorted(nodes, key=lambda n: (n["node_id"] != server_node, str(n["node_id"])))
+    server_left = {"CPU": s.num_cpus, "GPU": s.num_gpus}
+    shares = []
+    for n in ordered:
+        res = dict(n["resources"])
+        cpus, gpus, memory = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)), float(res.get("memory", 0.0))
+        if server_left["CPU"] <= cpus and server_left["GPU"] <= gpus and (server_left["CPU"] or server_left["GPU"]):
+            cpus, gpus = cpus - server_left["CPU"], gpus - server_left["GPU"]
+            server_left = {"CPU": 0.0, "GPU": 0.0}
+        fit = math.floor(cpus / c.num_cpus + 1e-9)
+        if c.num_gpus > 0:
+            fit = min(fit, math.floor(gpus / c.num_gpus + 1e-9))
+        memory_fit = int(memory // WORKER_MEMORY_BYTES) if memory else fit
+        shares.append(NodeShare(str(n["node_id"]), str(n.get("address", "")), cpus, gpus, memory, max(fit, 0), max(memory_fit, 0)))
+    free_cpus, free_gpus = sum(n.cpus for n in shares), sum(n.gpus for n in shares)
+    fit = sum(n.capacity for n in shares)
+    if c.num_gpus > 0 and fit < 1 and free_gpus < c.num_gpus:
         raise ResourceError(
-            f"one client worker needs clients.num_cpus={c.num_cpus:g} CPUs but the cluster has {free_cpus:g} free "
-            f"after the server (server.num_cpus={s.num_cpus:g}); lower clients.num_cpus"
+            f"clients.num_gpus={c.num_gpus} but the cluster has {free_gpus:g} GPU(s) free after the server; "
+            f"set clients.num_gpus=0 to train on CPU"
         )
-    memory = resources.get("memory")
-    memory_fit = max(1, int(memory // WORKER_MEMORY_BYTES)) if memory else fit
-
+    if fit < 1:
+        per_node = ", ".join(f"{n.cpus:g} CPU/{n.gpus:g} GPU" for n in shares)
+        raise ResourceError(
+            f"one client worker needs clients.num_cpus={c.num_cpus:g} CPUs" + (f" and clients.num_gpus={c.num_gpus:g} GPUs" if c.num_gpus else "")
+            + f" but the cluster has {free_cpus:g} free after the server (server.num_cpus={s.num_cpus:g}) and no node has room "
+            f"for one (free per node: {per_node}); lower clients.num_cpus"
+        )
+    usable = sum(min(n.capacity, n.memory_capacity) for n in shares)
     if cfg.engine.mode == "dedicated":
-        need = c.num
-        if need > fit or need > memory_fit:
+        want = c.num
+        if want > min(fit, usable):
             raise ResourceError(
-                f"engine.mode=dedicated needs one actor per client ({need}), but only {min(fit, memory_fit)} fit "
+                f"engine.mode=dedicated needs one actor per client ({want}), but only {min(fit, usable)} fit "
                 f"(CPU/GPU per client: clients.num_cpus={c.num_cpus:g}, clients.num_gpus={c.num_gpus:g}; about "
                 f"0.6 GB memory each); use engine.mode=pool"
             )
-        return need
-    if cfg.engine.num_workers != "auto":
+        limit = [min(n.capacity, n.memory_capacity) for n in shares]
+    elif cfg.engine.num_workers != "auto":
         want = int(cfg.engine.num_workers)
         if want > fit:
             raise ResourceError(
                 f"engine.num_workers={want} workers need {want * c.num_cpus:g} CPUs"
                 + (f" and {want * c.num_gpus:g} GPUs" if c.num_gpus else "")
-                + f" but only {fit} fit; lower engine.num_workers or use 'auto'"
+                + f" but only {fit} fit (per node: " + ", ".join(f"{n.address or n.node_id[:8]} {n.capacity}" for n in shares)
+                + "); lower engine.num_workers or use 'auto'"
             )
-        return want
-    return max(1, min(fit, memory_fit, cfg.clients.per_round))
+        limit = [n.capacity for n in shares]
+    else:
+        want = max(1, min(usable, c.per_round))
+        limit = [max(min(n.capacity, n.memory_capacity), 0) for n in shares]
+        if not any(limit):  # memory says none fits anywhere, CPUs say one does: start one where the CPUs are
+            limit = [min(n.capacity, 1) for n in shares]
+    counts = [0] * len(shares)
+    placed = 0
+    while placed < want:
+        progressed = False
+        for k in range(len(shares)):
+            if placed < want and counts[k] < limit[k]:
+                counts[k] += 1
+                placed += 1
+                progressed = True
+        if not progressed:
+            break
+    return WorkerPlan(tuple(replace(n, workers=k) for n, k in zip(shares, counts)))
+
+
+def plan_cluster(cfg: ExperimentConfig, poll_s: float = 5.0) -> WorkerPlan:
+    """The worker plan on the cluster this process joined (:func:`plan_nodes`). On a cluster that
+    lacks the resources (an autoscaling cluster whose GPU nodes are not up yet), ask the autoscaler
+    for the workers' and server's bundles (``ray.autoscaler.sdk.request_resources``) and re-plan as
+    nodes join, for up to ``engine.start_timeout_s``; then refuse with the last reason. A local Ray
+    never grows, so it is refused at once."""
+    server_node = ray.get_runtime_context().get_node_id()
+    try:
+        return plan_nodes(cfg, cluster_nodes(), server_node)
+    except ResourceError:
+        if not cfg.ray.address:
+            raise
+    from ray.autoscaler.sdk import request_resources
+
+    c = cfg.clients
+    want = c.num if cfg.engine.mode == "dedicated" else (c.per_round if cfg.engine.num_workers == "auto" else int(cfg.engine.num_workers))
+    bundles = [_bundle(c.num_cpus, c.num_gpus)] * want + server_bundles(cfg)
+    request_resources(bundles=[b for b in bundles if b])
+    logger.warning("the cluster lacks the planned resources; asked the autoscaler for %d bundles, waiting up to %g s", len(bundles), cfg.engine.start_timeout_s)
+    deadline = time.monotonic() + cfg.engine.start_timeout_s
+    try:
+        while True:
+            try:
+                return plan_nodes(cfg, cluster_nodes(), server_node)
+            except ResourceError:
+                if time.monotonic() + poll_s > deadline:
+                    raise
+            time.sleep(poll_s)
+    finally:  # the nodes are up (the actors start now and hold them) or will not come: withdraw the request
+        request_resources(bundles=[])
+
+
+def plan_workers(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
+    """Number of client workers on a cluster pooled as one node of ``resources`` (see :func:`plan_nodes`)."""
+    return plan_nodes(cfg, [{"node_id": "cluster", "address": "", "resources": resources}], "cluster").num_workers
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raymed.config import clients_per_round, validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
+from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
@@ -68,6 +69,7 @@ class ServerActor:
         run_name: str,
         state_dir: str | None,
         placement: Placement | None = None,
+        worker_nodes: list[str] | None = None,
     ):
         self.cfg = validate_config(cfg)
         self.telemetry = Telemetry(run_name)
@@ -99,6 +101,7 @@ class ServerActor:
         )
         self.faults = FaultPlan(self.cfg)
         self._spawn = (cfg, shard_dir, run_name, placement)
+        self.worker_nodes = worker_nodes  # the node each worker slot is planned on (runtime.plan_nodes), or None
         self.replaced = [0] * num_workers  # how many times each pool slot's worker was replaced
         self.workers = [self._start_worker(i) for i in range(num_workers)]
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
@@ -116,10 +119,19 @@ class ServerActor:
                 name=f"{run_name}.client-pool-{i}{suffix}",
                 num_cpus=c.num_cpus,
                 num_gpus=c.num_gpus,
-                **({"scheduling_strategy": placement.strategy(placement.worker_bundles[i])} if placement else {}),
+                **self._where(i, placement),
             )
             .remote(cfg, shard_dir, i, self.store, run_name, self.frozen_ref)
         )
+
+    def _where(self, i: int, placement: Placement | None) -> dict[str, Any]:
+        """Worker slot ``i``'s scheduling: its bundle in a placement group (a Tune trial), else its
+        planned node (soft: a replacement for a worker of a lost node goes wherever it fits)."""
+        if placement:
+            return {"scheduling_strategy": placement.strategy(placement.worker_bundles[i])}
+        if self.worker_nodes and i < len(self.worker_nodes):
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.worker_nodes[i], soft=True)}
+        return {}
 
     def _replace_worker(self, i: int, why: str) -> None:
         """A worker died or hung: kill what is left of it and start a new one in its slot. The new
@@ -229,9 +241,19 @@ class ServerActor:
                 personal_metrics, evaluation = self.evaluate_personalised(r)
                 metrics.update(personal_metrics)
             metrics["time/eval_s"] = time.perf_counter() - eval_start
+        if self.cfg.clients.num_gpus > 0:  # after training and evaluation, both of which peak
+            metrics["memory/worker_gpu_peak_mb"] = self._check_gpu_memory() / 2**20
         metrics["time/round_s"] = time.perf_counter() - start
         self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in accepted))
         return {"metrics": metrics, "clients": records, "evaluation": evaluation, "reports": self.samples}
+
+    def _check_gpu_memory(self) -> float:
+        """Refuse (one line) workers that share a GPU and together peak past it: Ray's GPU fractions
+        are logical and cap nothing. Returns the largest worker's peak, in bytes."""
+        live = self.live_workers()
+        measured = [m for m in ray.get([self.workers[i].gpu_memory.remote() for i in live]) if m is not None]
+        check_gpu_fit(measured)
+        return float(max((m["peak_bytes"] for m in measured), default=float("nan")))
 
     def _train_clients(self, r: int, payload_ref: Any, sampled: list[int]) -> tuple[WeightedMean, list[dict[str, Any]], list[float]]:
         """Train the round's clients over the live workers; failed ones are retried or dropped as

@@ -22,6 +22,7 @@ import torch
 
 from raymed.config import validate_config
 from raymed.data.shards import ClientShard, ShardSet, Split
+from raymed.engine.devices import assigned_device, assigned_gpu_ids, gpu_peak_bytes
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import configure_torch
 from raymed.engine.telemetry import Telemetry
@@ -59,7 +60,7 @@ class ClientWorker:
         self.telemetry = Telemetry(run_name)
         self.state_store = state_store  # actor handle: clients' persistent state, never seen by the server
         configure_torch(self.cfg, self.cfg.clients.num_cpus)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = assigned_device()  # Ray's assignment, never "whatever CUDA shows"
         self.shards = ShardSet(shard_dir)
         self.tasks = self.shards.tasks
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
@@ -70,13 +71,12 @@ class ClientWorker:
             share_frozen(model, frozen)
         self.model = model.to(self.device)
         self.initial_weights = float_state(self.model)
-        self.checked_fit = False
         self.faults = FaultPlan(self.cfg)
 
     def info(self) -> dict[str, Any]:
         context = ray.get_runtime_context()
         group = context.get_placement_group_id()
-        return {"index": self.index, "node_id": context.get_node_id(), "placement_group": group, "device": str(self.device), "pid": os.getpid()}
+        return {"index": self.index, "node_id": context.get_node_id(), "placement_group": group, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "pid": os.getpid()}
 
     def _context(self, client_id: int, round_: int, state) -> ClientContext:
         """Client ``client_id`` in round ``round_`` (−1: evaluation, no training)."""
@@ -134,8 +134,6 @@ class ClientWorker:
         self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
             ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
-        if not self.checked_fit:
-            self._check_gpu_fit()
         return {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb()}
 
     def _local_training(self, round_: int, payload: Weights, client_ids: list[int], attempt: int):
@@ -185,20 +183,18 @@ class ClientWorker:
             logger.warning("round %d: %s failed on worker %d: %s", round_, who, self.index, why)
             return None, why
 
-    def _check_gpu_fit(self) -> None:
-        """Ray's GPU fractions are logical: refuse a layout whose clients cannot fit on one GPU together."""
-        self.checked_fit = True
+    def gpu_memory(self) -> dict[str, Any] | None:
+        """This worker's GPU, its measured peak (CUDA context and allocator cache included) and its
+        size, for the server's fit check of co-located workers; None on the CPU."""
         if self.device.type != "cuda":
-            return
-        peak = torch.cuda.max_memory_allocated(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        sharing = max(1, int(1 / self.cfg.clients.num_gpus + 1e-9))
-        if peak * sharing > 0.95 * total:
-            raise ResourceError(
-                f"a client worker peaks at {peak / 2**30:.2f} GiB of GPU memory and clients.num_gpus="
-                f"{self.cfg.clients.num_gpus:g} puts {sharing} on a {total / 2**30:.1f} GiB GPU; raise clients.num_gpus "
-                f"to at least {peak / (0.95 * total):.2f} or lower clients.batch_size"
-            )
+            return None
+        return {
+            "index": self.index,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": assigned_gpu_ids(),
+            "peak_bytes": gpu_peak_bytes(self.device),
+            "total_bytes": int(torch.cuda.get_device_properties(self.device).total_memory),
+        }
 
     # ---- evaluation
 

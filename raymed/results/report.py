@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raymed.results.baselines import at_or_below
-from raymed.results.metrics import is_validation
+from raymed.results.metrics import is_validation, val_twin
 from raymed.results.selection import Selection
 from raymed.results.store import read_run
 
@@ -95,7 +95,13 @@ def summary_table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT
         table.add_column(f"{run['config']['strategy']['name']}\n{run['dir'].name}", justify="right")
     for row in ("selected_on", "selected_round", "rounds"):
         table.add_row(row, "", *(_fmt(c.get(row)) for c in chosen))
-    for metric in ["train/loss", *_metric_columns(runs, metrics), "MB up+down"]:
+    present = set().union(*(set(r["rounds"].columns) for r in runs))
+    rows = []
+    for metric in _metric_columns(runs, metrics):
+        rows.append(metric)
+        if metric.startswith(_SUMMARY) and val_twin(metric) in present:
+            rows.append(val_twin(metric))  # what the round was selected on, beside its test value
+    for metric in ["train/loss", *rows, "MB up+down"]:
         base = next((b[metric] for b in baselines if metric in b), None)
         cells = []
         for values, own in zip(chosen, baselines):
