@@ -9,12 +9,15 @@ Only ``ray.dashboard_host`` in the config widens that, and only when a user sets
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
@@ -45,37 +48,59 @@ def free_port(host: str = "127.0.0.1", start: int | None = None, tries: int = 10
 PORTS: dict[str, int | None] = {}  # the ports this process's local Ray took (init_ray): printed at start, saved in meta.json
 
 
+@contextlib.contextmanager
+def _machine_lock(name: str):
+    """An exclusive lock shared by every raymed process of this machine (a file in the temp folder)."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / f"raymed-{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _start_or_join(cfg: RayConfig, attempt: int, quiet: dict[str, Any]) -> Any:
+    if cfg.address:
+        return ray.init(address=cfg.address, **quiet)
+    import torch
+
+    host = cfg.dashboard_host
+    first = cfg.dashboard_port + attempt * random.randint(1, 50)  # a retry after a clash looks further on
+    PORTS.update(dashboard=free_port(host if host != "0.0.0.0" else "", first) if cfg.dashboard else None,
+                 metrics_export=cfg.metrics_export_port or free_port())
+    return ray.init(
+        address="local",  # a new Ray of our own, even when another one runs on this machine
+        num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+        num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
+        include_dashboard=cfg.dashboard,
+        dashboard_host=host,
+        **({"dashboard_port": PORTS["dashboard"]} if cfg.dashboard else {}),
+        _metrics_export_port=PORTS["metrics_export"],
+        **quiet,
+    )
+
+
 def init_ray(cfg: RayConfig) -> str | None:
     """Start or join Ray once per process; returns the dashboard URL when there is one.
 
     A local Ray takes free ports: the dashboard ``ray.dashboard_port`` or the next free one (a second
     run on the same machine gets its own), the metrics export port ``ray.metrics_export_port`` or any
-    free one. Two runs that pick the same port at the same moment: the loser tries again."""
+    free one. Local Rays of one machine start one at a time (a file lock), so two runs started at the
+    same moment never pick the same ports; a port taken by something else meanwhile: try again."""
     if ray.is_initialized():
         return None
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     attempts = 1 if cfg.address else 3
     for attempt in range(attempts):
         try:
-            if cfg.address:
-                context = ray.init(address=cfg.address, **quiet)
-            else:
-                import torch
-
-                host = cfg.dashboard_host
-                first = cfg.dashboard_port + attempt * random.randint(1, 50)  # a retry after a race looks further on
-                PORTS.update(dashboard=free_port(host if host != "0.0.0.0" else "", first) if cfg.dashboard else None,
-                             metrics_export=cfg.metrics_export_port or free_port())
-                context = ray.init(
-                    address="local",  # a new Ray of our own, even when another one runs on this machine
-                    num_cpus=cfg.num_cpus or os.cpu_count() or 1,
-                    num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
-                    include_dashboard=cfg.dashboard,
-                    dashboard_host=host,
-                    **({"dashboard_port": PORTS["dashboard"]} if cfg.dashboard else {}),
-                    _metrics_export_port=PORTS["metrics_export"],
-                    **quiet,
-                )
+            # Local Rays of this machine start one at a time: the next picks its ports once the
+            # previous holds its own (Ray's dashboard, started at the same moment as another, can hang).
+            lock = contextlib.nullcontext() if cfg.address else _machine_lock("ray-start")
+            with lock:
+                context = _start_or_join(cfg, attempt, quiet)
             break
         except Exception as exc:  # Ray raises a bare Exception when its dashboard cannot bind
             if ray.is_initialized():
