@@ -222,7 +222,7 @@ class EngineConfig(Section):
     vectorise: bool = False
     # How long the client workers may wait to be placed before the run stops with the reason.
     start_timeout_s: float = Field(600.0, gt=0)
-    # Save the whole federation (federation.pkl in the run folder) every N rounds and after the last;
+    # Save the whole federation (checkpoint.safetensors in the run folder) every N rounds and after the last;
     # `raymed run --resume RUN_DIR` continues from it. 0: never.
     checkpoint_every: int = Field(1, ge=0)
     # A client whose training raises, or whose worker dies: retried on a live worker up to
@@ -383,6 +383,13 @@ class ExperimentConfig(Section):
                 raise ValueError(f"{name}: rounds are numbered from 1")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _stays_in_output_dir(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" or "\0" in name):
+            raise ValueError(f"{name!r} would leave output_dir (a run's folder is output_dir/<name>-<time>); use a plain name without / \\ or ..")
+        return name
+
     @property
     def run_name(self) -> str:
         return self.name or f"{self.strategy.name}-seed{self.seed}"
@@ -404,6 +411,32 @@ def embedded_configs() -> list[str]:
     return sorted(p.stem for p in default_config_path().parent.glob("*.yaml"))
 
 
+MAX_YAML_BYTES = 1_000_000  # an experiment or sweep file is a few kB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: ``*name`` repeats a node, and nested repeats grow a few hundred bytes
+    into gigabytes (the "billion laughs"); raymed's configs need none."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in raymed files; write the value out")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse YAML with no aliases and at most :data:`MAX_YAML_BYTES` (ConfigError, one line, otherwise)."""
+    if len(text.encode(errors="replace")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source} is {len(text) / 1e6:.1f} MB; a raymed config is at most {MAX_YAML_BYTES / 1e6:g} MB")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader without aliases)
+    except yaml.YAMLError as exc:
+        if "aliases" in str(exc):
+            raise ConfigError(f"{source}: {exc}") from None
+        raise
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file() and str(path) in embedded_configs():
@@ -412,8 +445,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path} does not exist; give the path of an experiment YAML or one of raymed's: {', '.join(embedded_configs())}"
         )
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size / 1e6:.1f} MB; a raymed config is at most {MAX_YAML_BYTES / 1e6:g} MB")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml(path.read_text(errors="replace"), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -434,7 +469,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not of the form key.path=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = safe_yaml(text, f"--set {key.strip()}") if text.strip() else None
         except yaml.YAMLError:
             value = text
         set_key(out, key.strip(), value, what="--set")
@@ -525,4 +560,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from raymed.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -5,6 +5,7 @@ it changed)."""
 from __future__ import annotations
 
 import pickle
+import socket
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,16 @@ CASES = {
     ),
     "unknown_failure_policy": Case([*RUN, "--set", "engine.on_client_failure=ignore"], ("engine.on_client_failure: got 'ignore'", "'retry', 'drop' or 'stop'")),
     "resume_a_folder_without_a_run": Case(["run", "--resume", "{tmp}/empty"], ("holds no config.yaml",), setup="empty_dir"),
-    "resume_without_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("holds no federation.pkl", "engine.checkpoint_every"), setup="run_folder"),
-    "resume_corrupt_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("federation.pkl", "is corrupt"), setup="corrupt_checkpoint"),
+    "resume_without_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("holds no checkpoint.safetensors", "engine.checkpoint_every"), setup="run_folder"),
+    "resume_corrupt_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("checkpoint.safetensors", "is corrupt"), setup="corrupt_checkpoint"),
+    "resume_a_pickle_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("federation.pkl", "is not read", "can run code"), setup="pickle_checkpoint"),
+    "resume_an_old_format": Case(["run", "--resume", "{tmp}/run"], ("version 1", "this raymed reads raymed-checkpoint version 2"), setup="old_format"),
+    "resume_a_foreign_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("comes from another run", "run other-run", "says this-run"), setup="foreign_checkpoint"),
+    "resume_an_edited_config": Case(["run", "--resume", "{tmp}/run", "--set", "rounds=4"], ("differs from the checkpoint's config in clients.lr", "undo the edit"), setup="edited_config"),
+    "resume_an_empty_config": Case(["run", "--resume", "{tmp}/run", "--set", "rounds=4"], ("config.yaml is empty",), setup="empty_config"),
+    "resume_a_folder_in_use": Case(["run", "--resume", "{tmp}/run", "--set", "rounds=4"], ("is in use by process 1",), setup="locked"),
+    "yaml_alias_bomb": Case(["run", "{tmp}/bomb.yaml"], ("YAML aliases (*a) are not allowed",), setup="bomb"),
+    "name_leaving_output_dir": Case([*RUN, "--set", "name=../../x"], ("name", "would leave output_dir"),),
     "resume_and_a_config": Case(["run", "{cfg}", "--resume", "{tmp}/run"], ("either a CONFIG or --resume",), setup="run_folder"),
     "resume_changing_the_config": Case(["run", "--resume", "{tmp}/run", "--set", "clients.lr=1"], ("a resumed run keeps its config", "only rounds and ray.*"), setup="checkpoint"),
     "resume_a_finished_run": Case(["run", "--resume", "{tmp}/run"], ("already finished round 2 of rounds=2", "--set rounds=N"), setup="checkpoint"),
@@ -87,11 +96,46 @@ def _prepare(kind: str | None, tmp: Path, data_dir: Path, cfg_path: Path) -> Non
         run.mkdir()
         shutil.copy(cfg_path, run / "config.yaml")
         if kind == "corrupt_checkpoint":
-            (run / "federation.pkl").write_bytes(b"\x80\x05not a checkpoint")
+            (run / "checkpoint.safetensors").write_bytes(b"\x80\x05not a checkpoint")
         if kind == "checkpoint":
-            from raymed.methods import ServerState
+            _write_checkpoint(run, yaml.safe_load(cfg_path.read_text()), 2)
+    elif kind in ("pickle_checkpoint", "old_format", "foreign_checkpoint", "edited_config", "empty_config", "locked"):
+        run = tmp / "run"
+        run.mkdir()
+        config = yaml.safe_load(cfg_path.read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        if kind == "pickle_checkpoint":
+            (run / "federation.pkl").write_bytes(pickle.dumps({"server": None}))
+        elif kind == "old_format":
+            _write_checkpoint(run, config, 1, version="1")
+        elif kind == "foreign_checkpoint":
+            (run / "meta.json").write_text('{"run_id": "this-run"}')
+            _write_checkpoint(run, config, 1, run_id="other-run")
+        elif kind == "edited_config":
+            _write_checkpoint(run, config, 1)
+            (run / "config.yaml").write_text(yaml.safe_dump({**config, "clients": {**config["clients"], "lr": 0.5}}))
+        elif kind == "empty_config":
+            _write_checkpoint(run, config, 1)
+            (run / "config.yaml").write_text("")
+        elif kind == "locked":
+            _write_checkpoint(run, config, 1)
+            (run / ".lock").write_text(f"1 {socket.gethostname()}")  # pid 1 is always alive
+    elif kind == "bomb":
+        (tmp / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+            for i in range(9)))
 
-            (run / "federation.pkl").write_bytes(pickle.dumps({"server": ServerState(weights={}, round=2), "clients": {}, "rounds": []}))
+
+def _write_checkpoint(run: Path, config: dict, round_: int, run_id: str = "r", version: str | None = None) -> None:
+    """A checkpoint as raymed writes it (format and version overridable, to plant an old one)."""
+    from raymed.engine import checkpoint
+    from raymed.methods import ServerState
+
+    saved = {"server": ServerState(weights={}, round=round_), "selected": None, "clients": {}, "rounds": [], "config": config}
+    checkpoint.save_checkpoint(run, run_id, saved)
+    if version is not None:
+        header = {**checkpoint.read_header(run / checkpoint.CHECKPOINT_FILE), "version": version}
+        checkpoint.save_tree(run / checkpoint.CHECKPOINT_FILE, saved, {k: v for k, v in header.items() if k != "tree"})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

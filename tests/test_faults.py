@@ -4,8 +4,11 @@ clients come and go; bad updates are never aggregated."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -15,6 +18,7 @@ import ray
 from safetensors.numpy import load_file
 
 from raymed.engine import Federation, run_experiment, sample_clients
+from raymed.engine.federation import resume_experiment
 from raymed.engine.faults import FaultPlan
 from raymed.errors import find_user_error
 from raymed.methods import ClientUpdate
@@ -53,6 +57,21 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tmp_
     stopped = federation.run_dir
     assert _status(stopped) == "interrupted" and len(_rounds(stopped)) == 2
 
+    # A resume whose config write fails midway (a full disk at the fsync): config.yaml stays whole,
+    # the folder is left unlocked, and the next resume continues the same experiment.
+    config_before = (stopped / "config.yaml").read_bytes()
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and "config.yaml" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    with mock.patch("raymed.files.os.fsync", full_disk), pytest.raises(OSError, match="No space left"):
+        resume_experiment(stopped)
+    assert (stopped / "config.yaml").read_bytes() == config_before and not list(stopped.glob(".*.tmp"))
+    assert not (stopped / ".lock").exists()
+
     proc = raymed("run", "--resume", str(stopped), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed after round 2" in proc.stdout
@@ -63,6 +82,8 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tmp_
     )
     meta = json.loads((stopped / "meta.json").read_text())
     assert len(meta["resumed"]) == 1
+    assert not [p for p in stopped.rglob("*.pkl")] and (stopped / "checkpoint.safetensors").is_file()  # nothing that could run code
+    assert list((stopped / "client_state").glob("*.safetensors")) and not (stopped / ".lock").exists()
 
 
 def test_crashed_clients_are_retried_or_dropped(data_dir, tmp_path, ray_session):

@@ -9,9 +9,12 @@ federations whose states outgrow memory; on a cluster that folder must be on sha
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
+
+from raymed.engine.checkpoint import load_tree, save_tree
+
+SUFFIX = ".safetensors"  # one file per client, in a format that cannot run code (no pickle)
 
 
 class ClientStateStore:
@@ -46,24 +49,22 @@ class ClientStateStore:
     def keys(self) -> list[int]:
         if self.folder is None:
             return sorted(self.memory)
-        return sorted(int(p.stem) for p in self.folder.glob("*.pkl"))
+        return sorted(int(p.name[: -len(SUFFIX)]) for p in self.folder.glob(f"*{SUFFIX}") if p.name[: -len(SUFFIX)].isdigit())
 
     def _get(self, client_id: int) -> Any:
         if self.folder is None:
             return self.memory.get(client_id)
-        path = self.folder / f"{client_id}.pkl"
-        return pickle.loads(path.read_bytes()) if path.exists() else None
+        path = self.folder / f"{client_id}{SUFFIX}"
+        return load_tree(path) if path.exists() else None
 
     def _drop(self, client_id: int) -> None:
         if self.folder is None:
             self.memory.pop(client_id, None)
         else:
-            (self.folder / f"{client_id}.pkl").unlink(missing_ok=True)
+            (self.folder / f"{client_id}{SUFFIX}").unlink(missing_ok=True)
 
     def _put(self, client_id: int, state: Any) -> None:
         if self.folder is None:
             self.memory[client_id] = state
             return
-        tmp = self.folder / f".{client_id}.tmp"
-        tmp.write_bytes(pickle.dumps(state, protocol=5))
-        tmp.replace(self.folder / f"{client_id}.pkl")
+        save_tree(self.folder / f"{client_id}{SUFFIX}", state)

@@ -11,7 +11,6 @@ rounds so far, so a restored federation continues exactly where it stopped.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymed.config import ExperimentConfig
 from raymed.data.shards import ShardSet, locate_sources, materialise
+from raymed.engine.checkpoint import RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint
 from raymed.engine.faults import check_faults
 from raymed.engine.runtime import PORTS, Placement, determinism, init_ray, plan_cluster
 from raymed.engine.server import ServerActor
@@ -29,11 +29,10 @@ from raymed.errors import ConfigError, DataError, find_user_error
 from raymed.methods import METHODS, build_method, has_server_model
 from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
 from raymed.results.selection import Selection
-from raymed.results.store import RunWriter
+from raymed.results.store import RunLock, RunWriter, run_id_of
 
 logger = logging.getLogger("raymed")
 RoundCallback = Callable[[int, dict[str, Any]], None]
-CHECKPOINT_FILE = "federation.pkl"
 
 
 class Federation:
@@ -74,6 +73,16 @@ class Federation:
             "ray_ports": dict(PORTS),
         }
         self.writer = RunWriter.reopen(cfg, resume, meta) if resume is not None else RunWriter(cfg, meta)
+        try:
+            self.server = self._start_server(cfg, shard_dir, placement)
+        except BaseException:
+            self.writer.lock.release()  # the run never started: its folder is free again
+            raise
+        self.round = 0
+        self.info: dict[str, Any] = {}
+
+    def _start_server(self, cfg: ExperimentConfig, shard_dir: Path, placement: Placement | None) -> Any:
+        """The server actor (which owns the client pool): beside this driver, or in its bundle."""
         # A server model (report decoder, FedKIM's central model): the server's resources go to its
         # DeepSpeed ranks, which it starts.
         own = not has_server_model(cfg)
@@ -88,12 +97,10 @@ class Federation:
         else:  # beside this driver: the run then hangs on one node only, and losing another loses no state
             needs = options["num_cpus"] or options["num_gpus"]  # a server with no resources always fits there
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=bool(needs))
-        self.server = ray.remote(ServerActor).options(**options).remote(
+        return ray.remote(ServerActor).options(**options).remote(
             cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement,
             self.plan.node_of_worker() if self.plan else None,
         )
-        self.round = 0
-        self.info: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -124,24 +131,20 @@ class Federation:
         return result["metrics"]
 
     def checkpoint(self, folder: str | Path) -> Path:
-        """Write the whole federation's state to ``folder`` (atomically: a temporary file, then a
-        rename); returns the file. It holds the server state (weights, the method's state, the
+        """Write the whole federation's state to ``folder`` (atomically; a safetensors file that
+        cannot run code: :mod:`raymed.engine.checkpoint`); returns the file. It holds the server state (weights, the method's state, the
         round), every client's persistent state and the metrics so far. Random draws need no saved
         state: each is seeded by (seed, round, client) (sampling, availability, faults, batches,
         torch's seed per client)."""
         store = ray.get(self.server.client_state_store.remote())
         state, selected, clients = ray.get([self.server.get_state.remote(), self.server.get_selected.remote(), store.snapshot.remote()])
-        path = Path(folder) / CHECKPOINT_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
         saved = {"server": state, "selected": selected, "clients": clients, "rounds": self.writer.rounds, "config": self.cfg.to_dict()}
-        tmp.write_bytes(pickle.dumps(saved, protocol=5))
-        tmp.replace(path)
-        return path
+        return save_checkpoint(folder, self.writer.run_id, saved)
 
     def restore(self, folder: str | Path | dict[str, Any]) -> int:
         """Continue from a checkpoint written by :meth:`checkpoint` (its folder, or the checkpoint as
         :func:`read_checkpoint` returns it); returns its round."""
-        saved = folder if isinstance(folder, dict) else read_checkpoint(folder)
+        saved = folder if isinstance(folder, dict) else read_checkpoint(folder)[1]
         store = ray.get(self.server.client_state_store.remote())
         ray.get([self.server.set_state.remote(saved["server"]), store.replace_all.remote(saved["clients"])])
         self.writer.restore_rounds(saved["rounds"])
@@ -191,19 +194,6 @@ class Federation:
         return False
 
 
-def read_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """The checkpoint in ``folder`` (one line naming the file when it is missing or unreadable)."""
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise DataError(f"{folder} holds no {CHECKPOINT_FILE}; give the folder of a raymed run saved with engine.checkpoint_every > 0")
-    try:
-        saved = pickle.loads(path.read_bytes())
-        saved["server"].round  # noqa: B018  (a pickle of something else fails here)
-    except Exception as exc:
-        raise DataError(f"cannot read the federation checkpoint {path} ({type(exc).__name__}); it is corrupt: rerun from the start") from None
-    return saved
-
-
 def failure_status(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
@@ -218,9 +208,6 @@ def run_experiment(
     """Run one federation to the end; returns its result folder."""
     return _drive(Federation(cfg), on_round, on_start)
 
-
-# Settings a resumed run may change: how long it runs and where Ray is, not what it computes.
-RESUMABLE_KEYS = ("rounds", "ray.")
 
 
 def resume_experiment(
@@ -253,8 +240,13 @@ class ResumePoint:
         for item in overrides or []:
             if not item.partition("=")[0].strip().startswith(RESUMABLE_KEYS):
                 raise ConfigError(f"--set {item}: a resumed run keeps its config; only rounds and ray.* may change (rerun from the start to change the rest)")
-        saved = read_checkpoint(run_dir)
-        cfg = validate_config(apply_overrides(load_yaml(run_dir / "config.yaml"), list(overrides or [])))
+        RunLock.ensure_free(run_dir)  # two resumes of one folder: the second stops here
+        header, saved = read_checkpoint(run_dir)
+        config = load_yaml(run_dir / "config.yaml")
+        if not config:
+            raise DataError(f"{run_dir / 'config.yaml'} is empty; the checkpoint holds this run's config: restore config.yaml from a copy, or rerun from the start")
+        check_resume(run_dir, header, saved, config, run_id_of(run_dir))
+        cfg = validate_config(apply_overrides(config, list(overrides or [])))
         if saved["server"].round >= cfg.rounds:
             raise ConfigError(f"{run_dir} already finished round {saved['server'].round} of rounds={cfg.rounds}; --set rounds=N with a larger N to go on")
         return cls(run_dir, cfg, saved)

@@ -49,6 +49,7 @@ from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState
 from raymed.methods.fedavg import apply_mean_update
 from raymed.methods.fedper import FedPer, FedPerParams
 from raymed.models import Backbone, FedModel, build_backbone, images_of
+from raymed.engine.checkpoint import checkpointable
 
 BANK_KEY = "gskr.bank"  # the knowledge-base snapshot in the broadcast
 HITS_KEY = "gskr.hits"  # a client's retrieval counts per snapshot entry
@@ -169,6 +170,7 @@ class OmniFMModel(FedModel):
 # Server side: the global spectral knowledge base
 
 
+@checkpointable
 @dataclass
 class SpectralKnowledgeBase:
     """GSKR's bank B: at most ``capacity`` unit vectors, each tagged with its modality."""

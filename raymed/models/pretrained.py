@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from raymed.config import ExperimentConfig, StrategyConfig
 from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
+from raymed.files import atomic_path
 from raymed.models import FedModel, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -34,9 +34,8 @@ PLAIN_STRATEGIES = ("fedavg", "fedprox", "pretrain")  # whose weights are a plai
 def save_model(path: Path, weights: dict[str, np.ndarray], model_name: str, tasks: dict[str, TaskSpec], strategy: str, round_: int) -> Path:
     """Write ``weights`` and what rebuilds their network to ``path`` (atomically)."""
     meta = {"model": model_name, "tasks": json.dumps({f: asdict(t) for f, t in tasks.items()}), "strategy": strategy, "round": str(round_)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp), metadata=meta)
     return path
 
 

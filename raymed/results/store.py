@@ -10,7 +10,7 @@
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
     summary.json             status (completed / failed: why / interrupted), the round selected on
                              validation and its metrics, the last round's metrics, baselines, wall time
-    federation.pkl           the checkpoint (every engine.checkpoint_every rounds): server state,
+    checkpoint.safetensors   the checkpoint (every engine.checkpoint_every rounds): server state,
                              clients' persistent state, metrics so far; `raymed run --resume DIR`
     model.safetensors        the server's weights when the run ends (with the backbone's name, the
                              tasks and the strategy as metadata: :mod:`raymed.models.pretrained`)
@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
+import uuid
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,13 +36,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymed.config import ExperimentConfig, save_config
+from raymed.config import ExperimentConfig, safe_yaml, save_config
+from raymed.errors import ConfigError
+from raymed.files import atomic_path, atomic_write
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -52,9 +55,77 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _atomic_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=str))
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """A run folder is written by one process at a time: ``.lock`` holds the writer's pid and host.
+    A second writer is refused in one line naming the holder; the lock of a process that is gone
+    (killed, crashed) is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.held = False
+
+    @classmethod
+    def ensure_free(cls, folder: str | Path) -> None:
+        """Refuse (one line) a folder that another live process writes (checked before a resume starts Ray)."""
+        holder = cls(Path(folder)).holder()
+        if holder is not None and holder != (os.getpid(), socket.gethostname()):
+            pid, host = holder
+            raise ConfigError(
+                f"run folder {folder} is in use by process {pid} on {host} (its {LOCK_FILE}); wait for it to finish or stop it, then resume"
+            )
+
+    @classmethod
+    def acquire(cls, folder: str | Path) -> RunLock:
+        lock = cls(Path(folder))
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(3):
+            try:
+                fd = os.open(lock.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                cls.ensure_free(folder)
+                lock.path.unlink(missing_ok=True)  # its writer is gone (or is this process): take the lock over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(me)
+            lock.held = True
+            return lock
+        raise ConfigError(f"could not lock run folder {folder}: another process keeps taking {LOCK_FILE}")
+
+    def holder(self) -> tuple[int, str] | None:
+        """(pid, host) of a live writer holding the lock, or None when nobody alive holds it."""
+        try:
+            pid_text, _, host = self.path.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        if host.strip() != socket.gethostname():
+            return pid, host.strip()  # another machine's process: cannot tell, so it holds
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid, host.strip()
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def run_id_of(folder: str | Path) -> str | None:
+    """The run id in a run folder's meta.json (None for a folder without one)."""
+    try:
+        return json.loads((Path(folder) / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 class RunWriter:
@@ -70,6 +141,7 @@ class RunWriter:
                 n += 1
                 folder = base.with_name(f"{base.name}-{n}")
         self.dir = folder
+        self.lock = RunLock.acquire(folder)
         self.started = time.time()
         self.rounds: list[dict[str, float]] = []
         save_config(cfg, folder / "config.yaml")
@@ -79,6 +151,7 @@ class RunWriter:
         self.meta = {
             **meta,
             "run": folder.name,
+            "run_id": uuid.uuid4().hex,  # the checkpoint carries it: a resume refuses another run's checkpoint
             "started": datetime.now().isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__},
         }
@@ -90,18 +163,27 @@ class RunWriter:
         and meta are rewritten, its finished rounds come from the checkpoint (:meth:`restore_rounds`)."""
         self = cls.__new__(cls)
         self.dir = Path(folder)
+        self.lock = RunLock.acquire(self.dir)
         self.started = time.time()
         self.rounds = []
-        save_config(cfg, self.dir / "config.yaml")
-        old = json.loads((self.dir / "meta.json").read_text()) if (self.dir / "meta.json").is_file() else {}
-        resumed = [*old.get("resumed", []), datetime.now().isoformat(timespec="seconds")]
-        self.meta = {**old, **meta, "resumed": resumed}
-        _atomic_json(self.meta, self.dir / "meta.json")
+        try:  # a write that fails (a full disk) leaves the old file whole and the folder unlocked
+            save_config(cfg, self.dir / "config.yaml")
+            old = json.loads((self.dir / "meta.json").read_text()) if (self.dir / "meta.json").is_file() else {}
+            resumed = [*old.get("resumed", []), datetime.now().isoformat(timespec="seconds")]
+            self.meta = {**old, **meta, "resumed": resumed}
+            _atomic_json(self.meta, self.dir / "meta.json")
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     @property
     def name(self) -> str:
         return self.dir.name
+
+    @property
+    def run_id(self) -> str:
+        return str(self.meta.get("run_id") or self.dir.name)
 
     def add_meta(self, **items: Any) -> None:
         self.meta.update(items)
@@ -118,10 +200,7 @@ class RunWriter:
                 _atomic_parquet(_table(result[part]), self.dir / part / f"round-{r:04d}.parquet")
         if result.get("reports"):
             (self.dir / "reports").mkdir(exist_ok=True)
-            path = self.dir / "reports" / f"round-{r:04d}.jsonl"
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in result["reports"]))
-            os.replace(tmp, path)
+            atomic_write(self.dir / "reports" / f"round-{r:04d}.jsonl", "".join(json.dumps(row) + "\n" for row in result["reports"]))
 
     def restore_rounds(self, rounds: list[dict[str, float]]) -> None:
         """Start from the rounds of a checkpoint (their per-client files stay in the earlier run's folder)."""
@@ -143,13 +222,12 @@ class RunWriter:
             **extra,
         }
         _atomic_json(summary, self.dir / "summary.json")
+        self.lock.release()
         return summary
 
 
 def read_run(folder: str | Path) -> dict[str, Any]:
     """A finished (or partial) run: its config, meta, rounds table and summary."""
-    import yaml
-
     folder = Path(folder)
     if not (folder / "rounds.parquet").is_file():
         from raymed.errors import RaymedError
@@ -157,7 +235,7 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         raise RaymedError(f"{folder} holds no rounds.parquet; give the folder of a raymed run")
     return {
         "dir": folder,
-        "config": yaml.safe_load((folder / "config.yaml").read_text()),
+        "config": safe_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml")),
         "meta": json.loads((folder / "meta.json").read_text()),
         "rounds": pq.read_table(folder / "rounds.parquet").to_pandas(),
         "summary": json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {},
