@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, threading, time
     import raymed  # token authentication on, before Ray is imported
     import ray
     from ray.cluster_utils import Cluster
     from raymed.config import validate_config
     from raymed.engine import run_experiment
-    from raymed.engine.runtime import cluster_nodes, plan_nodes
+    from raymed.engine.runtime import cluster_nodes, plan_cluster, plan_nodes
     from raymed.errors import ResourceError
     from raymed.results.store import read_run
 
@@ -47,10 +47,34 @@ SCRIPT = textwrap.dedent(
         torch.cuda.device_count = lambda: 2
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
-    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", runtime_env={"worker_process_setup_hook": pretend_cuda})
-    out = {"head": ray.get_runtime_context().get_node_id(), "gpu_node": gpu_node.node_id}
+    base = json.loads(sys.argv[1])
+
+    # An "autoscaling" cluster whose GPU node is not up yet: the plan asks for resources and waits
+    # (planning in a thread; the node boots here, as Ray's Cluster starts nodes from the main thread).
+    waiting = validate_config({**base, "clients": {**base["clients"], "num_gpus": 1, "num_cpus": 1},
+                               "engine": {"num_workers": 2, "start_timeout_s": 120}, "ray": {**base["ray"], "address": cluster.address}})
+    planned = {}
+    def plan_when_ready():
+        started = time.time()
+        planned["plan"] = plan_cluster(waiting, poll_s=1.0)
+        planned["waited_s"] = time.time() - started
+    planner = threading.Thread(target=plan_when_ready)
+    planner.start()
+    time.sleep(3)
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
+    planner.join(timeout=150)
+    grown = planned["plan"]
+    cluster.wait_for_nodes()
+    out = {"head": ray.get_runtime_context().get_node_id(), "gpu_node": gpu_node.node_id,
+           "grown_plan": {r["node"]: r["workers"] for r in grown.rows()}, "waited_s": planned["waited_s"]}
+    too_wide = validate_config({**waiting.to_dict(), "engine": {"num_workers": 5, "start_timeout_s": 120}, "ray": {**base["ray"], "address": None}})
+    started = time.time()
+    try:
+        plan_cluster(too_wide)  # without ray.address (a local Ray, which never grows): refused at once
+        out["local_refused"] = None
+    except ResourceError as exc:
+        out["local_refused"], out["local_refused_s"] = str(exc), time.time() - started
 
     @ray.remote(num_cpus=0)
     class Probe:
@@ -68,7 +92,6 @@ SCRIPT = textwrap.dedent(
     for p in [cpu_probe, *quarter]:
         ray.kill(p)
 
-    base = json.loads(sys.argv[1])
     def plan(**changes):
         cfg = validate_config({**base, **changes})
         try:
@@ -113,6 +136,10 @@ def test_devices_follow_rays_assignment_and_the_plan_follows_each_node(data_dir,
         assert probe["node"] == out["gpu_node"] and len(probe["ids"]) == 1 and probe["visible"] == probe["ids"][0]
         assert probe["device"] == "cuda:0"
     assert sum(len(p["ids"]) for p in out["quarter"]) == 4 and len({p["ids"][0] for p in out["quarter"]}) <= 2
+
+    # Planned before the GPU node was up: it asked for resources, waited for the node, then placed there.
+    assert out["grown_plan"] == {out["gpu_node"][:8]: 2, out["head"][:8]: 0} and 2 < out["waited_s"] < 60
+    assert out["local_refused"] and "engine.num_workers=5" in out["local_refused"] and out["local_refused_s"] < 5
 
     # The plan: whole-GPU workers only where GPUs are, and a layout with more than fit is refused.
     assert out["plan_whole"] == {"head": 0, "gpu": 2}
