@@ -127,7 +127,7 @@ def load_tree(path: str | Path) -> Any:
 
 def config_hash(config: dict[str, Any]) -> str:
     """A hash of what a run computes: the resolved config without ``rounds`` and ``ray.*``."""
-    kept = {k: v for k, v in config.items() if k not in ("rounds", "ray")}
+    kept = {k: v for k, v in config.items() if not f"{k}.".startswith(RESUMABLE_KEYS)}  # "rounds.", "ray."
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -49,6 +49,15 @@ def _hide_gpus() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def _local_index(gpu_id: str) -> int:
+    """The CUDA index torch gives Ray's GPU ``gpu_id`` in this process: its place in
+    ``CUDA_VISIBLE_DEVICES`` (Ray narrows it to the assigned GPUs), or the id itself when every GPU is visible."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return int(gpu_id)
+    return visible.index(gpu_id) if gpu_id in visible else 0
+
+
 def assigned_device(cuda_available: Callable[[], bool] | None = None) -> Any:
     """The torch device of the calling actor: ``cuda:<i>`` for the first GPU Ray assigned it (``i``
     its position among the GPUs this process sees), else the CPU with the GPUs hidden from torch.
@@ -69,9 +78,7 @@ def assigned_device(cuda_available: Callable[[], bool] | None = None) -> Any:
             f"Ray assigned GPU {ids[0]} to this actor but torch sees no CUDA device (torch {torch.__version__}); "
             f"install a CUDA build of torch on that node, or set clients.num_gpus=0 / server.num_gpus=0 to run on CPU"
         )
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    index = visible.index(ids[0]) if ids[0] in visible else (0 if visible else int(ids[0]))
-    return torch.device("cuda", index)
+    return torch.device("cuda", _local_index(ids[0]))
 
 
 def local_rank_env(rank: int, world_size: int, master_addr: str, master_port: int, whole_gpus: bool) -> dict[str, str]:
@@ -87,9 +94,7 @@ def local_rank_env(rank: int, world_size: int, master_addr: str, master_port: in
             f"a ZeRO group of {world_size} ranks needs whole, separate GPUs (NCCL refuses two ranks on one GPU); "
             f"set server.num_gpus to a multiple of server.ranks ({world_size}) or server.num_gpus=0"
         )
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    local = visible.index(ids[0]) if ids[0] in visible else 0
-    return {**env, "LOCAL_RANK": str(local)}
+    return {**env, "LOCAL_RANK": str(_local_index(ids[0]))}
 
 
 def gpu_peak_bytes(device: Any) -> int:

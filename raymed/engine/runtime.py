@@ -194,6 +194,14 @@ def cluster_nodes() -> list[dict[str, object]]:
     ]
 
 
+def wanted_workers(cfg: ExperimentConfig) -> int:
+    """The client workers a run can use: one per client (``engine.mode=dedicated``), ``engine.num_workers``,
+    or (auto) a round's clients; :func:`plan_nodes` then caps auto by what fits."""
+    if cfg.engine.mode == "dedicated":
+        return cfg.clients.num
+    return cfg.clients.per_round if cfg.engine.num_workers == "auto" else int(cfg.engine.num_workers)
+
+
 def plan_nodes(cfg: ExperimentConfig, nodes: list[dict[str, object]], server_node: str | None = None) -> WorkerPlan:
     """Place the client workers on the nodes where they fit, as Flower sizes its pool per node.
 
@@ -233,8 +241,8 @@ def plan_nodes(cfg: ExperimentConfig, nodes: list[dict[str, object]], server_nod
             f"for one (free per node: {per_node}); lower clients.num_cpus"
         )
     usable = sum(min(n.capacity, n.memory_capacity) for n in shares)
+    want = wanted_workers(cfg)
     if cfg.engine.mode == "dedicated":
-        want = c.num
         if want > min(fit, usable):
             raise ResourceError(
                 f"engine.mode=dedicated needs one actor per client ({want}), but only {min(fit, usable)} fit "
@@ -243,7 +251,6 @@ def plan_nodes(cfg: ExperimentConfig, nodes: list[dict[str, object]], server_nod
             )
         limit = [min(n.capacity, n.memory_capacity) for n in shares]
     elif cfg.engine.num_workers != "auto":
-        want = int(cfg.engine.num_workers)
         if want > fit:
             raise ResourceError(
                 f"engine.num_workers={want} workers need {want * c.num_cpus:g} CPUs"
@@ -253,7 +260,7 @@ def plan_nodes(cfg: ExperimentConfig, nodes: list[dict[str, object]], server_nod
             )
         limit = [n.capacity for n in shares]
     else:
-        want = max(1, min(usable, c.per_round))
+        want = max(1, min(usable, want))
         limit = [max(min(n.capacity, n.memory_capacity), 0) for n in shares]
         if not any(limit):  # memory says none fits anywhere, CPUs say one does: start one where the CPUs are
             limit = [min(n.capacity, 1) for n in shares]
@@ -286,8 +293,7 @@ def plan_cluster(cfg: ExperimentConfig, poll_s: float = 5.0) -> WorkerPlan:
     from ray.autoscaler.sdk import request_resources
 
     c = cfg.clients
-    want = c.num if cfg.engine.mode == "dedicated" else (c.per_round if cfg.engine.num_workers == "auto" else int(cfg.engine.num_workers))
-    bundles = [_bundle(c.num_cpus, c.num_gpus)] * want + server_bundles(cfg)
+    bundles = [_bundle(c.num_cpus, c.num_gpus)] * wanted_workers(cfg) + server_bundles(cfg)
     request_resources(bundles=[b for b in bundles if b])
     logger.warning("the cluster lacks the planned resources; asked the autoscaler for %d bundles, waiting up to %g s", len(bundles), cfg.engine.start_timeout_s)
     deadline = time.monotonic() + cfg.engine.start_timeout_s
