@@ -139,6 +139,10 @@ class ClientsConfig(Section):
     num: int = Field(20, ge=1)
     fraction: float = Field(0.5, gt=0, le=1)
     local_epochs: int = Field(1, ge=1)
+    # None: local_epochs passes over the client's rows per round. K: exactly K optimiser steps per
+    # round over successive shuffled passes (FedOpt's K local steps, Reddi et al. 2021), so a client
+    # with 50 rows takes as many steps as one with 5,000 (local_epochs is then unused).
+    local_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimiser, fresh every round (adamw suits transformer decoders)
@@ -159,6 +163,12 @@ class ClientsConfig(Section):
     def per_round(self) -> int:
         """Clients sampled per round (fewer when fewer are online)."""
         return clients_per_round(self.num, self.fraction)
+
+    def examples_per_round(self, num_train: int) -> int:
+        """Training examples a client of ``num_train`` rows passes through in one round."""
+        if self.local_steps is None:
+            return num_train * self.local_epochs
+        return round(self.local_steps * num_train / max(math.ceil(num_train / self.batch_size), 1))
 
     def lr_at(self, round_: int, rounds: int) -> float:
         """The local learning rate of round ``round_`` (1-based) of ``rounds`` under ``lr_schedule``."""

@@ -112,6 +112,15 @@ def test_dedicated_and_vectorised_give_the_pool_result(data_dir, tmp_path, ray_s
     pd.testing.assert_frame_equal(_comparable(pool), _comparable(vectorised), rtol=1e-3)  # vmap'd clients, same run
 
 
+def test_local_steps_run_the_same_in_the_pool_and_vectorised(data_dir, tmp_path, ray_session):
+    base = ("clients.num=3", "clients.fraction=1.0", "clients.num_cpus=0.5", "rounds=1", "clients.local_steps=3")
+    pool = run_experiment(small_config(data_dir, tmp_path, *base))
+    vectorised = run_experiment(small_config(data_dir, tmp_path, *base, "engine.vectorise=true"))
+    pd.testing.assert_frame_equal(_comparable(pool), _comparable(vectorised), rtol=1e-3)
+    epochs = run_experiment(small_config(data_dir, tmp_path, *base[:-1]))
+    assert not _comparable(pool).equals(_comparable(epochs))  # 3 steps is not one pass here
+
+
 def test_non_finite_updates_are_never_aggregated(data_dir, tmp_path, ray_session):
     cfg = small_config(data_dir, tmp_path, "clients.lr=1e30", "rounds=1")
     with pytest.raises(Exception) as info:

@@ -97,6 +97,29 @@ def test_training_batches_are_augmented_and_evaluation_rows_are_not(data_dir, tm
     assert len(augmented) == len(raw) and not all(a.equal(r) for a, r in zip(augmented, raw))
 
 
+def test_local_steps_take_exactly_k_batches_over_successive_passes(data_dir, tmp_path):
+    cfg = small_config(data_dir, tmp_path, "data.max_train_per_dataset=60", "data.datasets=[breastmnist]", "clients.num=2", "clients.batch_size=4")
+    _, _, _, _, shards, context = prepared_method(cfg)
+    per_pass = len(list(context(0).batches()))
+    assert per_pass >= 2
+    ctx = context(0)
+    ctx.train = ctx.train.model_copy(update={"local_epochs": 3})
+    assert len(list(ctx.local_batches())) == 3 * per_pass  # epochs: whole passes
+    for k in (1, per_pass + 1, 3 * per_pass + 2):
+        ctx = context(0)
+        ctx.train = ctx.train.model_copy(update={"local_steps": k, "local_epochs": 1})
+        steps = list(ctx.local_batches())
+        assert len(steps) == k
+        rows = [len(y) for _, _, y in steps[:per_pass]]
+        ctx._rng = None
+        fresh = [len(y) for _, _, y in ctx.batches()]
+        assert rows == fresh[: len(rows)]  # the same seeded stream as epochs: a pass, then another
+    clients = load_config(None, ["clients.local_steps=10", "clients.batch_size=32"]).clients
+    assert clients.examples_per_round(64) == 320 and clients.examples_per_round(40) == 200
+    with pytest.raises(ConfigError, match="local_steps"):
+        load_config(None, ["strategy.name=dpfedavg", "clients.local_steps=5"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Baselines and selection
 

@@ -244,7 +244,7 @@ class ServerActor:
         if self.cfg.clients.num_gpus > 0:  # after training and evaluation, both of which peak
             metrics["memory/worker_gpu_peak_mb"] = self._check_gpu_memory() / 2**20
         metrics["time/round_s"] = time.perf_counter() - start
-        self.telemetry.round_finished(metrics, examples=sum(x["num_train"] * self.cfg.clients.local_epochs for x in accepted))
+        self.telemetry.round_finished(metrics, examples=sum(self.cfg.clients.examples_per_round(x["num_train"]) for x in accepted))
         return {"metrics": metrics, "clients": records, "evaluation": evaluation, "reports": self.samples}
 
     def _check_gpu_memory(self) -> float:

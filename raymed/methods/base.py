@@ -226,6 +226,25 @@ class ClientContext:
                 x = augment(x, policies[flag], rng)
             yield flag, x, y[index]
 
+    def local_batches(self):
+        """The round's training batches: ``clients.local_epochs`` passes of :meth:`batches`, or, with
+        ``clients.local_steps`` K, the first K batches of successive passes."""
+        steps = self.train.local_steps
+        if steps is None:
+            for _ in range(self.train.local_epochs):
+                yield from self.batches()
+            return
+        while steps > 0:
+            taken = 0
+            for batch in self.batches():
+                yield batch
+                taken += 1
+                if taken == steps:
+                    return
+            if taken == 0:  # no training rows: nothing to cycle through
+                return
+            steps -= taken
+
     def _augmentation(self, flag: str) -> Policy | None:
         task = self.tasks[flag]
         return policy_for(flag) if task.augmentable else None
@@ -287,8 +306,8 @@ def local_sgd(
     objective: Objective | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
-    """``clients.local_epochs`` epochs of mini-batch SGD (or AdamW, ``clients.optimizer``) on the
-    client's data, over ``ctx.trained_keys``.
+    """``clients.local_epochs`` epochs (or ``clients.local_steps`` steps) of mini-batch SGD (or AdamW,
+    ``clients.optimizer``) on the client's data, over ``ctx.trained_keys``.
 
     ``penalty`` (optional) maps the trained parameters (by name) to an extra loss term, e.g.
     FedProx's proximal term. ``objective`` (optional) replaces the task loss of the model's output
@@ -303,16 +322,15 @@ def local_sgd(
     params = trained_parameters(ctx)
     optimizer = optimizer or local_optimizer(params.values(), cfg, ctx.lr)
     total, steps = torch.zeros((), device=ctx.device), 0
-    for _ in range(cfg.local_epochs):
-        for flag, x, y in ctx.batches():
-            loss = objective(flag, x, y)
-            if penalty is not None:
-                loss = loss + penalty(params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            steps += 1
+    for flag, x, y in ctx.local_batches():
+        loss = objective(flag, x, y)
+        if penalty is not None:
+            loss = loss + penalty(params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
     return {"train_loss": float(total) / max(steps, 1)}
 
 

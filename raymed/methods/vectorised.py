@@ -64,7 +64,7 @@ def _train_group(
         return loss + penalty(p) if penalty is not None else loss
 
     step_fn = vmap(grad_and_value(loss_fn))
-    plans = [[(x, y) for _ in range(cfg.local_epochs) for _, x, y in ctx.batches()] for ctx in ctxs]
+    plans = [[(x, y) for _, x, y in ctx.local_batches()] for ctx in ctxs]
     loss_sums = torch.zeros(len(ctxs), device=device)
     model.train()
     for t in range(max(len(p) for p in plans)):
