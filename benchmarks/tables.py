@@ -207,7 +207,7 @@ class PaperBench:
                   "below_baseline": self.below_baseline}
         (self.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
         head = (f"# {title} ({result['date']}, commit {settings['commit']})\n\n"
-                f"config `{self.config}`, rounds {self.rounds}, seeds {','.join(map(str, self.seeds))}, "
+                f"config `{self.config}`, rounds {settings['rounds']}, seeds {','.join(map(str, self.seeds))}, "
                 f"machine: {os.cpu_count()} CPU cores, {'GPU' if torch_cuda() else 'no GPU'}{', --quick' if self.args.quick else ''}"
                 f"{', SYNTHETIC DATA: not real results' if self.synthetic else ''}"
                 f"{', RAYMED SOURCES CHANGED DURING THE BENCHMARK: runs used different code' if changed else ''}. {note}\n")
