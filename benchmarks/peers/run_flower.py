@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -59,6 +60,18 @@ def train(msg: Message, context: Context) -> Message:
 # ---- server side
 
 
+def connected_nodes(grid: Grid, wanted: int, timeout_s: float = 600.0, poll_s: float = 0.1) -> list[int]:
+    """The sorted node ids once all ``wanted`` virtual SuperNodes (one per registered client) are
+    connected, waiting as Flower's own sampling waits for ``min_available_nodes``: at 1,000 clients
+    under load some register after round 1 begins, and indexing a shorter list failed (IndexError)."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := sorted(grid.get_node_ids())) < wanted:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"flower: {len(nodes)} of {wanted} SuperNodes connected after {timeout_s:.0f}s; give Ray more time or fewer clients")
+        time.sleep(poll_s)
+    return nodes
+
+
 class ScheduledFedAvg(FedAvg):
     """Flower's FedAvg with the round's clients taken from the shared schedule."""
 
@@ -67,8 +80,8 @@ class ScheduledFedAvg(FedAvg):
         self.wl, self.clock = wl, clock
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = connected_nodes(grid, self.wl.num_clients)  # before the clock: registration is not round work
         self.clock.start(server_round)
-        nodes = sorted(grid.get_node_ids())  # one virtual node per registered client
         messages = []
         for client in self.wl.schedule[server_round - 1]:
             record = RecordDict(
