@@ -83,6 +83,7 @@ def experiment_overrides(setting: Setting, args: argparse.Namespace, output_dir:
         f"clients.num={setting.registered}",
         f"clients.fraction={setting.per_round / setting.registered}",
         "clients.local_epochs=1",
+        "clients.local_steps=null",  # one pass, as the peers train
         f"clients.batch_size={args.batch_size}",
         f"clients.lr={args.lr}",
         "data.augment=false",  # the peers train on the rows as they are: the same work everywhere

@@ -55,6 +55,7 @@ BASE = [
     "clients.num=20",
     "clients.fraction=0.5",
     "clients.momentum=0.9",
+    "clients.local_steps=null",  # one local epoch, as measured (the embedded default now takes 20 steps)
     "eval.every=1",  # the per-round curve
     "eval.personalised=false",  # the global model is what an attack corrupts
     "engine.checkpoint_every=0",
