@@ -127,7 +127,6 @@ class Bench(PaperBench):
         super().__init__(args)
         self.common = ["ray.dashboard=false", f"output_dir={self.out / self.runs_folder}", *RECIPE]
         self.datasets = found_datasets(args.datasets)
-        self.model = next((o.split("=", 1)[1] for o in reversed(args.overrides) if o.startswith("model.name=")), "cnn")
 
     def main(self) -> None:
         rows = []
@@ -152,7 +151,7 @@ class Bench(PaperBench):
                     print(f"{flag} {key} seed {seed}: test acc {fmt(result['test_acc'])} auc {fmt(result['test_auc'])} "
                           f"(round {result['selected_round']}, val {fmt(result['val_acc'])}; majority {fmt(result['majority_acc'])}) {wall:.0f}s", flush=True)
                 rows.append({
-                    "dataset": flag, "setup": key, "label": label, "rounds": self.rounds_of(flag),
+                    "dataset": flag, "setup": key, "label": label, "rounds": self.rounds_of(flag), "model": cfg.model.name,
                     "acc": agg([r["test_acc"] for r in results]), "auc": agg([r["test_auc"] for r in results]),
                     "val_acc": agg([r["val_acc"] for r in results]),
                     "majority_acc": results[0]["majority_acc"], "published": PUBLISHED.get(flag),
@@ -187,7 +186,7 @@ class Bench(PaperBench):
             ["dataset", "setup", "rounds", "test ACC", "test AUC", "val ACC (selected)", "majority ACC (test)", "published ResNet-18 (28) ACC / AUC", "ACC − published (pts)", "ACC − central (pts)"],
             rows, cells,
             note=f"Budget: the rounds column (central: a round is one epoch; FedAvg: 10 clients × {LOCAL_STEPS} local steps per round), "
-            f"the `{self.model}` backbone, SGD momentum 0.9, weight decay 5e-4, lr 0.05 cosine, batch 32, augmentation on; "
+            f"the `{', '.join(sorted({r['model'] for r in rows}))}` backbone, SGD momentum 0.9, weight decay 5e-4, lr 0.05 cosine, batch 32, augmentation on; "
             "BreastMNIST with balanced class weights. "
             "▼: at or below the majority-class accuracy.",
         )

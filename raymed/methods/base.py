@@ -12,6 +12,7 @@ aggregate per worker per round, as pfl-research does), and the server merges the
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -230,20 +231,10 @@ class ClientContext:
         """The round's training batches: ``clients.local_epochs`` passes of :meth:`batches`, or, with
         ``clients.local_steps`` K, the first K batches of successive passes."""
         steps = self.train.local_steps
-        if steps is None:
-            for _ in range(self.train.local_epochs):
-                yield from self.batches()
-            return
-        while steps > 0:
-            taken = 0
-            for batch in self.batches():
-                yield batch
-                taken += 1
-                if taken == steps:
-                    return
-            if taken == 0:  # no training rows: nothing to cycle through
-                return
-            steps -= taken
+        if steps is not None and not self.tensors("train"):
+            return iter(())  # no rows: endless passes would yield nothing forever
+        passes = itertools.repeat(None) if steps is not None else range(self.train.local_epochs)
+        return itertools.islice(itertools.chain.from_iterable(self.batches() for _ in passes), steps)
 
     def _augmentation(self, flag: str) -> Policy | None:
         task = self.tasks[flag]
