@@ -86,7 +86,13 @@ def experiment_overrides(setting: Setting, args: argparse.Namespace, output_dir:
         "clients.local_steps=null",  # one pass, as the peers train
         f"clients.batch_size={args.batch_size}",
         f"clients.lr={args.lr}",
-        "data.augment=false",  # the peers train on the rows as they are: the same work everywhere
+        # plain SGD on the rows as they are, as the peers train: the same work everywhere (the embedded
+        # default's recipe — momentum, weight decay, cosine lr, augmentation, per-dataset statistics — is off)
+        "clients.momentum=0",
+        "clients.weight_decay=0",
+        "clients.lr_schedule=constant",
+        "data.augment=false",
+        "data.normalise=fixed",
         f"rounds={args.rounds}",
         f"eval.every={args.rounds}",
         "eval.personalised=false",

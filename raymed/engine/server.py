@@ -30,6 +30,7 @@ from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
+from raymed.engine.reducer import NodeReducer
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, EvalChunk, client_record, float_state, frozen_state
@@ -105,6 +106,9 @@ class ServerActor:
         self.replaced = [0] * num_workers  # how many times each pool slot's worker was replaced
         self.workers = [self._start_worker(i) for i in range(num_workers)]
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
+        self.node_of: dict[int, str] = {}  # worker slot -> the node it runs on, once it answered
+        self.reducers: dict[str, Any] = {}  # node -> its NodeReducer (nodes with two or more workers)
+        self.reducers_started = 0
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
         self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (report generation)
         self.selected: ServerState | None = None  # the state of the round selected on validation
@@ -151,7 +155,7 @@ class ServerActor:
         for i, ref in enumerate(self._ready):
             if ref in done:
                 try:
-                    ray.get(ref)
+                    self.node_of[i] = ray.get(ref)["node_id"]
                     live.append(i)
                 except ray.exceptions.RayError:  # died while starting: try a fresh one
                     self._replace_worker(i, f"worker {i} failed to start")
@@ -197,7 +201,7 @@ class ServerActor:
         online = self.faults.online(r)
         sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction, online)
         payload_ref = ray.put(self.method.broadcast(self.state))
-        merged, records, peaks = self._train_clients(r, payload_ref, sampled)
+        merged, records, peaks, partials = self._train_clients(r, payload_ref, sampled)
 
         accepted = [x for x in records if x["failed"] is None and x["rejected"] is None]
         final = {x["client_id"]: x for x in records}  # each client's last try
@@ -222,6 +226,7 @@ class ServerActor:
             "clients/failed": sum(1 for x in final.values() if x["failed"] is not None),
             "clients/retried": sum(1 for x in final.values() if x["attempt"] > 0),
             "clients/late": sum(1 for x in final.values() if x["late"]),
+            "comm/partials_to_server": float(partials),  # one per node that trained (see engine/reducer.py)
             "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])) if accepted else float("nan"),
             "train/lr": self.cfg.clients.lr_at(r, self.cfg.rounds),
             "comm/bytes_down": float(sum(x["bytes_down"] for x in records)),
@@ -255,15 +260,15 @@ class ServerActor:
         check_gpu_fit(measured)
         return float(max((m["peak_bytes"] for m in measured), default=float("nan")))
 
-    def _train_clients(self, r: int, payload_ref: Any, sampled: list[int]) -> tuple[WeightedMean, list[dict[str, Any]], list[float]]:
+    def _train_clients(self, r: int, payload_ref: Any, sampled: list[int]) -> tuple[WeightedMean, list[dict[str, Any]], list[float], int]:
         """Train the round's clients over the live workers; failed ones are retried or dropped as
-        ``engine.on_client_failure`` says. Returns the merged aggregate, every try's record, and
-        the workers' peak memory."""
+        ``engine.on_client_failure`` says. Returns the merged aggregate, every try's record, the
+        workers' peak memory, and how many partial aggregates the server merged."""
         engine = self.cfg.engine
         merged: WeightedMean = self.method.new_accumulator()
         records: list[dict[str, Any]] = []
         peaks: list[float] = []
-        todo, attempt = list(sampled), 0
+        todo, attempt, partials = list(sampled), 0, 0
         while todo:
             live = self.live_workers()
             if engine.mode == "dedicated" and attempt == 0 and all(c in live for c in todo):
@@ -274,29 +279,66 @@ class ServerActor:
             failed = []
             for result in self._dispatch(r, payload_ref, groups, attempt):
                 merged.merge(result["accumulator"])
+                partials += result["accumulator"].count > 0
                 records += result["records"]
                 peaks.append(result["peak_rss_mb"])
                 failed += [x["client_id"] for x in result["records"] if x["failed"] is not None]
             retry = engine.on_client_failure == "retry" and attempt < engine.client_retries
             todo, attempt = (sorted(failed), attempt + 1) if retry else ([], attempt)
-        return merged, records, peaks
+        return merged, records, peaks, partials
 
-    def _dispatch(self, r: int, payload_ref: Any, groups: dict[int, list[int]], attempt: int) -> list[dict[str, Any]]:
-        """One training call per worker; a worker that dies or exceeds engine.worker_timeout_s is
-        replaced, and its clients come back as failed records (or stop the run under policy stop)."""
-        calls = {self.workers[w].train.remote(r, payload_ref, g, attempt): (w, g) for w, g in groups.items()}
+    def _dispatch(self, r: int, payload_ref: Any, groups: dict[int, list[int]], attempt: int):
+        """One training call per worker; their partials are reduced on each node (``NodeReducer``)
+        and yielded one per node, in node then worker order (the merged sums never depend on who
+        finished first), each as soon as it is complete. A worker that dies or exceeds
+        engine.worker_timeout_s is replaced, and its clients come back as failed records (or stop
+        the run under policy stop)."""
+        calls = {w: self.workers[w].train.remote(r, payload_ref, g, attempt) for w, g in groups.items()}
         timeout = self.cfg.engine.worker_timeout_s
-        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
-        results = []
-        for ref, (w, clients) in calls.items():  # in worker order: the merged sums do not depend on who finished first
-            if ref not in done:
-                results.append(self._lost(w, clients, r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s"))
+        by_node: dict[str, list[int]] = {}
+        for w in calls:
+            by_node.setdefault(self.node_of.get(w, f"worker-{w}"), []).append(w)
+        pending = []  # (reference, the workers whose partials it holds)
+        for node, workers in by_node.items():
+            reducer = self._reducer(node, workers[0]) if len(workers) > 1 else None
+            if reducer is None:
+                pending += [(calls[w], [w]) for w in workers]
+            else:
+                pending.append((reducer.reduce.remote([(w, calls[w]) for w in workers], timeout), workers))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for ref, workers in pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            done, _ = ray.wait([ref], timeout=left if len(workers) == 1 else None)  # a reducer keeps the deadline itself
+            if not done:
+                w = workers[0]
+                yield self._lost(w, groups[w], r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s")
                 continue
             try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
-                results.append(self._lost(w, clients, r, attempt, f"worker {w} died ({type(exc).__name__})"))
-        return results
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # the worker (or the node's reducer) was killed, or its node is gone
+                if len(workers) > 1:
+                    self.reducers.pop(self.node_of.get(workers[0], ""), None)
+                    yield from (self._lost(w, groups[w], r, attempt, f"the reducer of worker {w}'s node died ({type(exc).__name__})") for w in workers)
+                else:
+                    yield self._lost(workers[0], groups[workers[0]], r, attempt, f"worker {workers[0]} died ({type(exc).__name__})")
+                continue
+            for w, why in result.pop("lost", []):
+                yield self._lost(w, groups[w], r, attempt, why)
+            yield result
+
+    def _reducer(self, node: str, first_worker: int) -> Any:
+        """The node's reducer, started on first use beside ``first_worker`` (no resources of its own)."""
+        if node not in self.reducers:
+            cfg, _, run_name, placement = self._spawn
+            where = (
+                {"scheduling_strategy": placement.strategy(placement.worker_bundles[first_worker])}
+                if placement
+                else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+            )
+            self.reducers_started += 1
+            name = f"{run_name}.reducer-{self.reducers_started}"
+            self.reducers[node] = ray.remote(NodeReducer).options(name=name, num_cpus=0, **where).remote(cfg)
+        return self.reducers[node]
 
     def _lost(self, w: int, clients: list[int], r: int, attempt: int, why: str) -> dict[str, Any]:
         if self.cfg.engine.on_client_failure == "stop":

@@ -155,14 +155,14 @@ class ClientWorker:
 
     def _train_one(self, ctx: ClientContext, payload: Weights, attempt: int) -> ClientUpdate:
         self.faults.maybe_crash(ctx.client_id, ctx.round, attempt)
-        torch.manual_seed(client_seed(self.cfg.seed, ctx.round, ctx.client_id))  # dropout etc.: same wherever it runs
+        seed_torch(client_seed(self.cfg.seed, ctx.round, ctx.client_id), self.device)  # dropout etc.: same wherever it runs
         return self.method.client_update(ctx, payload)
 
     def _train_many(self, ctxs: list[ClientContext], payload: Weights, attempt: int) -> list[ClientUpdate]:
         for ctx in ctxs:
             self.faults.maybe_crash(ctx.client_id, ctx.round, attempt)
         if ctxs:
-            torch.manual_seed(client_seed(self.cfg.seed, ctxs[0].round, ctxs[0].client_id))
+            seed_torch(client_seed(self.cfg.seed, ctxs[0].round, ctxs[0].client_id), self.device)
         return self.method.client_updates(ctxs, payload)
 
     def _guard(self, train, client_ids: list[int], round_: int):
@@ -233,6 +233,16 @@ class ClientWorker:
 def client_seed(seed: int, round_: int, client_id: int) -> int:
     """The torch seed of one client's local training in one round."""
     return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0])
+
+
+def seed_torch(seed: int, device: torch.device) -> None:
+    """Seed the generators a client's training draws from: the CPU's and, on a GPU, its own device's.
+    (``torch.manual_seed`` would also queue a lazy seed for every accelerator type that is not
+    initialised, each recording a Python stack: 0.6 ms per client, as long as training a small one.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
 
 
 def client_record(round_: int, client_id: int, shard: ClientShard, worker: int, attempt: int, byzantine: bool) -> dict[str, Any]:

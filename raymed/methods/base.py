@@ -12,6 +12,7 @@ aggregate per worker per round, as pfl-research does), and the server merges the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -76,55 +77,168 @@ class ClientUpdate:
             if key in payload and value.shape != payload[key].shape:
                 return f"{key} has shape {value.shape}, expected {payload[key].shape}"
         for key, value in {**self.delta, **self.uploads}.items():
-            if not math.isfinite(value.sum(dtype=np.float64)):  # NaN/inf propagate; float64 cannot overflow here
+            if not finite(value):
                 return f"non-finite values in {key}"
         return None
+
+
+def finite(value: np.ndarray | torch.Tensor) -> bool:
+    """Whether every entry is finite: one sum in the array's own precision (NaN and inf propagate
+    through it), and the exact element-wise test only when that sum is not finite (it can also
+    overflow)."""
+    tensor = as_tensor(value)
+    if not tensor.is_floating_point():
+        return True
+    if math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor view of ``value`` (no copy); read-only arrays from the object store are only read."""
+    if isinstance(value, torch.Tensor):
+        return value
+    global _read_only_seen
+    array = np.asarray(value)
+    if any(stride < 0 for stride in array.strides):  # torch cannot view reversed strides
+        array = np.ascontiguousarray(array)
+    if array.flags.writeable or _read_only_seen:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():  # torch warns once per process about read-only arrays: not here
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    _read_only_seen = True
+    return tensor
+
+
+_read_only_seen = False
+
+
+class PairwiseSum:
+    """A float32 running sum whose rounding error grows like a pairwise sum's: terms are added in
+    place into a block of ``BLOCK`` terms, and full blocks are summed pairwise (a binary counter of
+    block sums; NumPy's own ``sum`` blocks by 8 the same way). For n terms the error per element is
+    at most about ``(BLOCK + log2(n / BLOCK) + 2) · ε₃₂ · Σ|term|`` (a test holds it to that against
+    float64), while a term costs one fused multiply-add pass over float32 — float64 sums cost a
+    conversion, a temporary and twice the bytes, on every worker and on the wire."""
+
+    BLOCK = 16
+
+    def __init__(self, received: torch.Tensor | None = None) -> None:
+        self.received = received  # a partial total that came over the wire: read, never written
+        self.block: torch.Tensor | None = None
+        self.in_block = 0
+        self.levels: list[torch.Tensor | None] = []  # levels[i]: the sum of 2^i full blocks, or None
+
+    def add(self, value: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale · value``."""
+        if self.block is None:
+            self.block = value.to(torch.float32, copy=True)
+            if scale != 1.0:
+                self.block.mul_(scale)
+        else:
+            self.block.add_(value, alpha=scale)
+        self.in_block += 1
+        if self.in_block == self.BLOCK:
+            self._carry(self.block)
+            self.block, self.in_block = None, 0
+
+    def add_sum(self, other: PairwiseSum) -> None:
+        """Add another running sum (a worker's or a node's partial) as one full block."""
+        total = other.total()
+        if total is not None:
+            self._carry(total)
+
+    def _carry(self, full: torch.Tensor) -> None:
+        for level, held in enumerate(self.levels):
+            if held is None:
+                self.levels[level] = full
+                return
+            full = held.add_(full)
+            self.levels[level] = None
+        self.levels.append(full)
+
+    def total(self) -> torch.Tensor | None:
+        """The sum so far, as a new tensor (None when nothing was added)."""
+        parts = [p for p in (self.received, self.block, *self.levels) if p is not None]
+        if not parts:
+            return None
+        out = parts[0].clone()
+        for part in parts[1:]:
+            out.add_(part)
+        return out
 
 
 class WeightedMean:
     """Per-parameter weighted mean Σ_k n_k Δ_k / Σ_k n_k over the clients that sent that parameter.
 
-    Sums are kept in float64, so the result does not depend (beyond float64 rounding) on how the
-    clients of a round were spread over workers.
+    Sums are float32 :class:`PairwiseSum` (torch, in place, one pass per update); a partial crosses
+    the wire as one float32 array per parameter. The engine merges partials in a fixed order (worker,
+    then node), so a run does not depend on who finished first.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
+        self.partial: dict[str, PairwiseSum] = {}
         self.weights: dict[str, float] = {}
         self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
         for key, value in update.delta.items():
-            if key in self.sums:
-                self.sums[key] += update.weight * value
-            else:
-                self.sums[key] = update.weight * value.astype(np.float64)
+            self.add_term(key, value, update.weight)
             self.weights[key] = self.weights.get(key, 0.0) + update.weight
         self.count += 1
 
+    def add_term(self, key: str, value: np.ndarray | torch.Tensor, scale: float) -> None:
+        """Add ``scale · value`` to the sum of ``key`` (the weights are the caller's to count)."""
+        if key not in self.partial:
+            self.partial[key] = PairwiseSum()
+        self.partial[key].add(as_tensor(value), scale)
+
     def merge(self, other: WeightedMean) -> None:
-        for key, value in other.sums.items():
-            if key in self.sums:
-                self.sums[key] += value
-            else:
-                self.sums[key] = value.copy()  # arrays out of Ray's object store are read-only
+        for key, value in other.partial.items():
+            if key not in self.partial:
+                self.partial[key] = PairwiseSum()
+            self.partial[key].add_sum(value)
             self.weights[key] = self.weights.get(key, 0.0) + other.weights[key]
         self.count += other.count
 
+    @property
+    def sums(self) -> dict[str, np.ndarray]:
+        """Σ_k n_k Δ_k per parameter, float32."""
+        return {k: s.total().numpy() for k, s in self.partial.items()}
+
     def mean(self) -> Weights:
-        return {k: (s / self.weights[k]).astype(np.float32) for k, s in self.sums.items()}
+        return {k: s.total().div_(self.weights[k]).numpy() for k, s in self.partial.items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """On the wire: one float32 array per parameter (zero-copy in Ray's object store)."""
+        state = dict(self.__dict__)
+        state["partial"] = {k: s.total().numpy() for k, s in self.partial.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["partial"] = {k: PairwiseSum(received=as_tensor(v)) for k, v in state["partial"].items()}
+        self.__dict__.update(state)
 
 
 # ---------------------------------------------------------------------------------------------------
 # What a client sees
 
 
-def load_weights(model: torch.nn.Module, weights: Weights) -> None:
-    """Copy numpy weights into ``model`` (keys it lacks in ``weights`` keep their values)."""
-    with warnings.catch_warnings():  # read-only arrays from the object store are copied, never written
-        warnings.simplefilter("ignore", UserWarning)
-        tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
-    model.load_state_dict(tensors, strict=False)
+def load_weights(model: torch.nn.Module, weights: Weights, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy ``weights`` into ``model`` in place, one tensor copy per entry (keys the model lacks are
+    ignored, keys ``weights`` lacks keep their values; a shape mismatch raises). The arrays, often
+    read-only views of Ray's object store, are only read. ``state``: the model's ``state_dict()``,
+    when the caller holds it already."""
+    state = model.state_dict() if state is None else state
+    with torch.no_grad():
+        for key, value in weights.items():
+            target = state.get(key)
+            if target is None:
+                continue
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"weights {key}: shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}")
+            target.copy_(as_tensor(value))
 
 
 @dataclass
@@ -147,14 +261,22 @@ class ClientContext:
     round_lr: float | None = None  # this round's local learning rate (clients.lr_schedule); None: clients.lr
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
+    _model_state: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def num_train(self) -> int:
         return self.shard.num_train
 
-    @property
+    @functools.cached_property
     def trained_keys(self) -> list[str]:
         return self.model.state_keys(self.shard.datasets)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's state tensors by name, looked up once per client (views of the parameters
+        and buffers, so they follow training, which updates them in place)."""
+        if self._model_state is None:
+            self._model_state = self.model.state_dict()
+        return self._model_state
 
     @property
     def lr(self) -> float:
@@ -169,7 +291,7 @@ class ClientContext:
         return self._rng
 
     def load(self, weights: Weights) -> None:
-        load_weights(self.model, weights)
+        load_weights(self.model, weights, self.model_state())
 
     def own_state(self, is_own: Callable[[str], bool]) -> Weights:
         """What this client keeps between rounds (FedPer's heads, FedMRG's specialised adapter): its
@@ -179,14 +301,16 @@ class ClientContext:
         return {k: v for k, v in self.initial_weights.items() if is_own(k)}
 
     def read(self, keys: list[str]) -> Weights:
-        state = self.model.state_dict()
+        state = self.model_state()
         return {k: state[k].detach().cpu().numpy().copy() for k in keys}
 
     def delta_from(self, payload: Weights, keys: list[str] | None = None) -> Weights:
-        """Local minus received weights, for the trained keys that came down in ``payload``."""
-        state = self.model.state_dict()
+        """Local minus received weights, for the trained keys that came down in ``payload``: one
+        torch subtraction per key on the client's device, handed over as numpy (no further copy on the CPU)."""
+        state = self.model_state()
         keys = [k for k in (keys or self.trained_keys) if k in payload]
-        return {k: state[k].detach().cpu().numpy() - payload[k] for k in keys}  # one new array per key
+        with torch.no_grad():
+            return {k: torch.sub(state[k], as_tensor(payload[k]).to(state[k].device)).cpu().numpy() for k in keys}
 
     def tensors(self, split: str = "train") -> dict[str, tuple[ModelInput, torch.Tensor]]:
         """The client's (input, target) per dataset for ``split``, on the device; built once per context."""

@@ -158,10 +158,7 @@ class ClippedSum(WeightedMean):
     def add(self, update: ClientUpdate) -> None:
         factor = clip_factor(update_norm(update.delta), self.clip) * min(1.0, update.weight)
         for key, value in update.delta.items():
-            if key in self.sums:
-                self.sums[key] += factor * value
-            else:
-                self.sums[key] = factor * value.astype(np.float64)
+            self.add_term(key, value, factor)
             self.weights[key] = self.weights.get(key, 0.0) + 1.0
         self.count += 1
 
@@ -357,9 +354,9 @@ class DPFedAvg(FedAvg):
         round_ = state.round + 1  # the engine sets state.round to this round after aggregating
         std = p.noise_multiplier * p.clip
         noise = server_noise(state.weights, std, seed, round_) if std > 0 else {}
-        weights = {}
+        weights, sums = {}, accumulator.sums
         for key, value in state.weights.items():
-            total = accumulator.sums.get(key, 0.0) + noise.get(key, 0.0)
+            total = sums.get(key, 0.0) + noise.get(key, 0.0)
             weights[key] = (value + p.server_lr * total / k).astype(value.dtype)
         return ServerState(weights=weights, round=state.round, extra=state.extra)
 
