@@ -123,3 +123,59 @@ def test_federation_spreads_over_two_nodes_and_matches_one_node(data_dir, tmp_pa
     submitted = read_run(job_run)
     assert submitted["summary"]["status"] == "completed"
     np.testing.assert_allclose(submitted["rounds"]["train/loss"], one_node["train/loss"], rtol=1e-6)
+
+
+NODES_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import raymed  # token authentication on, before Ray is imported
+    import ray
+    from ray.cluster_utils import Cluster
+    from raymed.config import validate_config
+    from raymed.engine import run_experiment
+    from raymed.engine.runtime import free_port
+
+    cfg = json.loads(sys.argv[1])
+    out = {}
+    for nodes in (1, 2, 4):  # 8 one-CPU workers: 8, 4 and 2 per node
+        cpus = 8 // nodes
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                                                                "dashboard_agent_listen_port": free_port()})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=cpus, num_gpus=0, dashboard_agent_listen_port=free_port())
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        out[nodes] = str(run_experiment(validate_config({**cfg, "name": f"nodes{nodes}"})))
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_per_node_aggregation_equals_flat_fedavg_on_1_2_and_4_nodes(data_dir, tmp_path, ray_session):
+    """Eight client workers on 1, 2 and 4 nodes: each node's reducer merges its workers' float32
+    partials and the server one partial per node. The aggregated model equals one worker's flat
+    sum over every client (no reducer) within float32 pairwise rounding (rtol 1e-5, atol 1e-6)."""
+    from safetensors.numpy import load_file
+
+    cfg = small_config(data_dir, tmp_path, "clients.num=16", "clients.fraction=1.0", "clients.num_cpus=1", "engine.num_workers=8",
+                       "rounds=1", "eval.personalised=false", "strategy.name=fedavg")
+    proc = subprocess.run([sys.executable, "-c", NODES_SCRIPT, json.dumps(cfg.to_dict())], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    runs = {int(k): read_run(v) for k, v in json.loads(lines[-1].removeprefix("RESULT ")).items()}
+
+    flat_dir = run_experiment(cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"num_workers": 1}), "name": "flat"}))
+    flat, flat_run = load_file(str(flat_dir / "model.safetensors")), read_run(flat_dir)
+    assert flat_run["rounds"]["comm/partials_to_server"].tolist() == [1.0]
+    for nodes, run in runs.items():
+        assert run["summary"]["status"] == "completed"
+        assert len({w["node_id"] for w in run["meta"]["workers"]}) == nodes and len(run["meta"]["workers"]) == 8
+        assert run["rounds"]["comm/partials_to_server"].tolist() == [float(nodes)]  # one partial per node, not per worker
+        assert run["rounds"]["clients/aggregated"].tolist() == [16.0]
+        model = load_file(str(run["dir"] / "model.safetensors"))
+        assert model.keys() == flat.keys()
+        for key in flat:
+            np.testing.assert_allclose(model[key], flat[key], rtol=1e-5, atol=1e-6, err_msg=f"{nodes} nodes: {key}")

@@ -252,3 +252,39 @@ def test_early_stopping_ends_a_run_whose_validation_stopped_improving(data_dir, 
     assert (run["dir"] / "model-selected.safetensors").is_file()
     assert math.isclose(summary["selected"]["test_value"], run["rounds"]["global/mean/acc"].iloc[0])
     assert json.loads((run["dir"] / "meta.json").read_text())["baselines"]["pneumoniamnist"]["majority_acc"] > 0.5
+
+
+def test_float32_pairwise_partials_stay_within_the_bound_of_float64():
+    """1,000 client updates summed in float32 (PairwiseSum), as one worker's partial and as eight
+    partials sent over the wire (pickled) and merged: within (BLOCK + log2(n / BLOCK) + 2) · ε₃₂ ·
+    Σ|n_k Δ_k| / Σ n_k of the float64 weighted mean, element by element."""
+    import pickle
+
+    from raymed.methods.base import ClientUpdate, PairwiseSum, WeightedMean
+
+    rng = np.random.default_rng(0)
+    n, size = 1000, 4096
+    deltas = [(rng.standard_normal(size) * rng.lognormal(0, 2)).astype(np.float32) + np.float32(1e-3) for _ in range(n)]
+    weights = rng.integers(1, 500, n).astype(float)
+    exact = sum(w * d.astype(np.float64) for w, d in zip(weights, deltas)) / weights.sum()
+    magnitude = sum(w * np.abs(d.astype(np.float64)) for w, d in zip(weights, deltas)) / weights.sum()
+    bound = (PairwiseSum.BLOCK + np.log2(n / PairwiseSum.BLOCK) + 2) * np.finfo(np.float32).eps * magnitude
+
+    one = WeightedMean()
+    for w, d in zip(weights, deltas):
+        one.add(ClientUpdate(delta={"p": d}, weight=w))
+    partials = [WeightedMean() for _ in range(8)]
+    for i, (w, d) in enumerate(zip(weights, deltas)):
+        partials[i % 8].add(ClientUpdate(delta={"p": d}, weight=w))
+    merged = WeightedMean()
+    for partial in partials:
+        wire = pickle.loads(pickle.dumps(partial))
+        assert wire.partial["p"].total().dtype == torch.float32
+        merged.merge(wire)
+    assert merged.count == one.count == n
+    for acc in (one, merged):
+        mean = acc.mean()["p"]
+        assert mean.dtype == np.float32
+        assert np.all(np.abs(mean - exact) <= bound), float(np.max(np.abs(mean - exact) / bound))
+    # The partial on the wire is one float32 array per parameter, half of what float64 sums cost.
+    assert len(pickle.dumps(partials[0])) < 1.2 * size * 4
