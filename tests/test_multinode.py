@@ -154,9 +154,9 @@ NODES_SCRIPT = textwrap.dedent(
 
 
 def test_per_node_aggregation_equals_flat_fedavg_on_1_2_and_4_nodes(data_dir, tmp_path, ray_session):
-    """Eight client workers on 1, 2 and 4 nodes: each node's reducer merges its workers' float32
+    """Eight client workers on 1, 2 and 4 nodes: each node's first worker merges the node's float32
     partials and the server one partial per node. The aggregated model equals one worker's flat
-    sum over every client (no reducer) within float32 pairwise rounding (rtol 1e-5, atol 1e-6)."""
+    sum over every client (no per-node reduction) within float32 pairwise rounding (rtol 1e-5, atol 1e-6)."""
     from safetensors.numpy import load_file
 
     cfg = small_config(data_dir, tmp_path, "clients.num=16", "clients.fraction=1.0", "clients.num_cpus=1", "engine.num_workers=8",

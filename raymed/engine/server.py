@@ -30,7 +30,6 @@ from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
-from raymed.engine.reducer import NodeReducer
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, EvalChunk, client_record, float_state, frozen_state
@@ -107,8 +106,6 @@ class ServerActor:
         self.workers = [self._start_worker(i) for i in range(num_workers)]
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
         self.node_of: dict[int, str] = {}  # worker slot -> the node it runs on, once it answered
-        self.reducers: dict[str, Any] = {}  # node -> its NodeReducer (nodes with two or more workers)
-        self.reducers_started = 0
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
         self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (report generation)
         self.selected: ServerState | None = None  # the state of the round selected on validation
@@ -226,7 +223,7 @@ class ServerActor:
             "clients/failed": sum(1 for x in final.values() if x["failed"] is not None),
             "clients/retried": sum(1 for x in final.values() if x["attempt"] > 0),
             "clients/late": sum(1 for x in final.values() if x["late"]),
-            "comm/partials_to_server": float(partials),  # one per node that trained (see engine/reducer.py)
+            "comm/partials_to_server": float(partials),  # one per node: its first worker reduces the others (_dispatch)
             "train/loss": float(np.average([x["train_loss"] for x in accepted], weights=[x["num_train"] for x in accepted])) if accepted else float("nan"),
             "train/lr": self.cfg.clients.lr_at(r, self.cfg.rounds),
             "comm/bytes_down": float(sum(x["bytes_down"] for x in records)),
@@ -288,57 +285,50 @@ class ServerActor:
         return merged, records, peaks, partials
 
     def _dispatch(self, r: int, payload_ref: Any, groups: dict[int, list[int]], attempt: int):
-        """One training call per worker; their partials are reduced on each node (``NodeReducer``)
-        and yielded one per node, in node then worker order (the merged sums never depend on who
-        finished first), each as soon as it is complete. A worker that dies or exceeds
-        engine.worker_timeout_s is replaced, and its clients come back as failed records (or stop
-        the run under policy stop)."""
-        calls = {w: self.workers[w].train.remote(r, payload_ref, g, attempt) for w, g in groups.items()}
+        """One training call per worker, reduced per node: the node's first worker, once its own
+        clients are trained, folds in the partials of the node's other workers (through the node's
+        object store, in worker order, each as soon as it is there), so one partial per node reaches
+        the server, which merges them in node order (the sums never depend on who finished first).
+        A worker that dies or exceeds engine.worker_timeout_s is replaced, and its clients come back
+        as failed records (or stop the run under policy stop)."""
         timeout = self.cfg.engine.worker_timeout_s
         by_node: dict[str, list[int]] = {}
-        for w in calls:
+        for w in groups:
             by_node.setdefault(self.node_of.get(w, f"worker-{w}"), []).append(w)
-        pending = []  # (reference, the workers whose partials it holds)
-        for node, workers in by_node.items():
-            reducer = self._reducer(node, workers[0]) if len(workers) > 1 else None
-            if reducer is None:
-                pending += [(calls[w], [w]) for w in workers]
-            else:
-                pending.append((reducer.reduce.remote([(w, calls[w]) for w in workers], timeout), workers))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for ref, workers in pending:
+        trees = []  # (the reducing worker, its call, [(other worker, its call)])
+        for workers in by_node.values():
+            first, rest = workers[0], workers[1:]
+            others = [(w, self.workers[w].train.remote(r, payload_ref, groups[w], attempt)) for w in rest]
+            trees.append((first, self.workers[first].train.remote(r, payload_ref, groups[first], attempt, others, timeout), others))
+        # The reducing worker keeps the deadline for the others itself: give it a little longer to say which were late.
+        deadline = None if timeout is None else time.monotonic() + timeout + max(1.0, 0.1 * timeout)
+        for first, ref, others in trees:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            done, _ = ray.wait([ref], timeout=left if len(workers) == 1 else None)  # a reducer keeps the deadline itself
+            done, _ = ray.wait([ref], timeout=left)
+            why = None
             if not done:
-                w = workers[0]
-                yield self._lost(w, groups[w], r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s")
+                why = f"worker {first} did not answer within engine.worker_timeout_s={timeout:g} s"
+            else:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
+                    why = f"worker {first} died ({type(exc).__name__})"
+            if why is None:
+                for w, lost in result.pop("lost"):
+                    yield self._lost(w, groups[w], r, attempt, lost)
+                yield result
                 continue
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # the worker (or the node's reducer) was killed, or its node is gone
-                if len(workers) > 1:
-                    self.reducers.pop(self.node_of.get(workers[0], ""), None)
-                    yield from (self._lost(w, groups[w], r, attempt, f"the reducer of worker {w}'s node died ({type(exc).__name__})") for w in workers)
-                else:
-                    yield self._lost(workers[0], groups[workers[0]], r, attempt, f"worker {workers[0]} died ({type(exc).__name__})")
-                continue
-            for w, why in result.pop("lost", []):
-                yield self._lost(w, groups[w], r, attempt, why)
-            yield result
-
-    def _reducer(self, node: str, first_worker: int) -> Any:
-        """The node's reducer, started on first use beside ``first_worker`` (no resources of its own)."""
-        if node not in self.reducers:
-            cfg, _, run_name, placement = self._spawn
-            where = (
-                {"scheduling_strategy": placement.strategy(placement.worker_bundles[first_worker])}
-                if placement
-                else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-            )
-            self.reducers_started += 1
-            name = f"{run_name}.reducer-{self.reducers_started}"
-            self.reducers[node] = ray.remote(NodeReducer).options(name=name, num_cpus=0, **where).remote(cfg)
-        return self.reducers[node]
+            # The reducing worker is gone: take its node's other partials directly.
+            yield self._lost(first, groups[first], r, attempt, why)
+            for w, other in others:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if not ray.wait([other], timeout=left)[0]:
+                    yield self._lost(w, groups[w], r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s")
+                    continue
+                try:
+                    yield ray.get(other)
+                except ray.exceptions.RayActorError as exc:
+                    yield self._lost(w, groups[w], r, attempt, f"worker {w} died ({type(exc).__name__})")
 
     def _lost(self, w: int, clients: list[int], r: int, attempt: int, why: str) -> dict[str, Any]:
         if self.cfg.engine.on_client_failure == "stop":

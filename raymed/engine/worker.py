@@ -84,13 +84,19 @@ class ClientWorker:
             self.cfg, client_id, round_, self.model, self.shards, self.device, self.initial_weights, state, self.faults.label_transform(client_id)
         )
 
-    def train(self, round_: int, payload: Weights, client_ids: list[int], attempt: int = 0) -> dict[str, Any]:
+    def train(
+        self, round_: int, payload: Weights, client_ids: list[int], attempt: int = 0, others: list[tuple[int, Any]] = (), timeout_s: float | None = None
+    ) -> dict[str, Any]:
         """Train ``client_ids`` from ``payload``; return one partial aggregate and per-client records.
 
         A client whose training raises is recorded as failed and the others go on (unless
         ``engine.on_client_failure`` is stop); a late client (``engine.client_deadline_s``) is dropped
         or down-weighted; an update that is not finite or has the wrong shape is never aggregated.
+        ``others``: [(worker slot, the reference of its train call)] of the other workers on this
+        node, whose partials this worker folds into its own afterwards (per-node reduction; those
+        that die or miss ``timeout_s`` come back under ``lost`` with the reason).
         """
+        started = time.monotonic()
         accumulator = self.method.new_accumulator()
         records, states = [], {}
         down = nbytes(payload)
@@ -134,7 +140,8 @@ class ClientWorker:
         self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
             ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
-        return {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb()}
+        result = {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb(), "lost": []}
+        return fold_in(result, others, None if timeout_s is None else started + timeout_s)
 
     def _local_training(self, round_: int, payload: Weights, client_ids: list[int], attempt: int):
         """Yield (context, update, seconds, failure) per client: one at a time, or all together when
@@ -233,6 +240,26 @@ class ClientWorker:
 def client_seed(seed: int, round_: int, client_id: int) -> int:
     """The torch seed of one client's local training in one round."""
     return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0])
+
+
+def fold_in(result: dict[str, Any], others: list[tuple[int, Any]], deadline: float | None) -> dict[str, Any]:
+    """Merge the partials of ``others`` [(worker slot, train call reference)] into ``result``, in
+    that order, each as soon as it is there; a worker that died or missed ``deadline`` (monotonic)
+    goes under ``result["lost"]`` with the reason."""
+    for worker, ref in others:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not ray.wait([ref], timeout=left)[0]:
+            result["lost"].append((worker, f"worker {worker} did not answer within engine.worker_timeout_s"))
+            continue
+        try:
+            other = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
+            result["lost"].append((worker, f"worker {worker} died ({type(exc).__name__})"))
+            continue
+        result["accumulator"].merge(other["accumulator"])
+        result["records"] += other["records"]
+        result["peak_rss_mb"] = max(result["peak_rss_mb"], other["peak_rss_mb"])
+    return result
 
 
 def seed_torch(seed: int, device: torch.device) -> None:
