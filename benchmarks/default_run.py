@@ -3,7 +3,8 @@ FedAvg and FedPer differ by more than their seed spread?
 
 The default federation (raymed/configs/default.yaml): PneumoniaMNIST + BreastMNIST + RetinaMNIST,
 20 hospitals, each one modality with a Dirichlet(0.5) mix of that dataset's classes, half of them per
-round, 20 local steps each, 20 rounds, the training recipe (momentum 0.9, weight decay 5e-4, cosine lr, augmentation).
+round, 20 local steps each, 20 rounds, the training recipe (momentum 0.9, weight decay 5e-4, cosine lr, augmentation),
+each modality normalised by its own channel statistics.
 FedPer's private heads can follow each hospital's own class mix; FedAvg's one head per dataset
 cannot. Each cell is a test metric at the round selected on validation, mean ± std over seeds, beside
 its baseline (majority class; personal: each client's own majority class), ▼ at or below it.

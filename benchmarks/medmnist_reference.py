@@ -67,6 +67,7 @@ RECIPE = [
     "clients.lr_schedule=cosine",
     "clients.local_epochs=1",
     "clients.local_steps=null",  # central: one epoch per round; FedAvg sets its K below
+    "data.normalise=fixed",  # as measured (per-dataset statistics did not help one dataset alone)
     "data.augment=true",
     "data.val_fraction=0",
     "data.holdout_fraction=0",

@@ -56,6 +56,7 @@ BASE = [
     "clients.fraction=0.5",
     "clients.momentum=0.9",
     "clients.local_steps=null",  # one local epoch, as measured (the embedded default now takes 20 steps)
+    "data.normalise=fixed",  # as measured (the embedded default now normalises per dataset)
     "eval.every=1",  # the per-round curve
     "eval.personalised=false",  # the global model is what an attack corrupts
     "engine.checkpoint_every=0",
