@@ -94,7 +94,7 @@ def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, qui
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--allow-synthetic", action="store_true", help="accept synthetic stand-in image files (results flagged)")
     ap.add_argument("--only", default=",".join(sections), help="comma list among " + ",".join(sections))
-    ap.add_argument("--quick", action="store_true", help=f"smoke test: {quick}")
+    ap.add_argument("--quick", action="store_true", help="smoke test: " + quick.replace("%", "%%"))  # argparse %-formats help
     args = ap.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if unknown := set(args.only) - set(sections):
