@@ -79,6 +79,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def run_cluster_script(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` (which starts its own Ray cluster) in a subprocess, with token auth; return the
+    JSON of its last ``RESULT `` line (a pytest session holds one Ray per process)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_AUTH_MODE": "token", **(env or {})},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
 def test_federation_spreads_over_two_nodes_and_matches_one_node(data_dir, tmp_path, ray_session):
     from tests.conftest import free_port
 
@@ -86,17 +98,11 @@ def test_federation_spreads_over_two_nodes_and_matches_one_node(data_dir, tmp_pa
     job_config = tmp_path / "job.yaml"
     save_config(cfg.model_copy(update={"output_dir": str(tmp_path / "job-results"), "name": "via-jobs-api"}), job_config)
     token_file = os.path.expanduser("~/.ray/auth_token")  # written by the session's Ray (token mode)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict()), str(free_port()), token_file, str(job_config), str(free_port()), str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_cluster_script(
+        SCRIPT, json.dumps(cfg.to_dict()), str(free_port()), token_file, str(job_config), str(free_port()), str(free_port()),
         # The job's entrypoint `raymed` is found on the PATH of the nodes this process starts.
-        env={**os.environ, "RAY_AUTH_MODE": "token", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+        env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert len(result["nodes"]) == 2
 
     two_nodes = read_run(result["run_dir"])
@@ -161,11 +167,7 @@ def test_per_node_aggregation_equals_flat_fedavg_on_1_2_and_4_nodes(data_dir, tm
 
     cfg = small_config(data_dir, tmp_path, "clients.num=16", "clients.fraction=1.0", "clients.num_cpus=1", "engine.num_workers=8",
                        "rounds=1", "eval.personalised=false", "strategy.name=fedavg")
-    proc = subprocess.run([sys.executable, "-c", NODES_SCRIPT, json.dumps(cfg.to_dict())], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_AUTH_MODE": "token"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    runs = {int(k): read_run(v) for k, v in json.loads(lines[-1].removeprefix("RESULT ")).items()}
+    runs = {int(k): read_run(v) for k, v in run_cluster_script(NODES_SCRIPT, json.dumps(cfg.to_dict())).items()}
 
     flat_dir = run_experiment(cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"num_workers": 1}), "name": "flat"}))
     flat, flat_run = load_file(str(flat_dir / "model.safetensors")), read_run(flat_dir)

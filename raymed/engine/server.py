@@ -32,7 +32,7 @@ from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
-from raymed.engine.worker import ClientWorker, EvalChunk, client_record, float_state, frozen_state
+from raymed.engine.worker import ClientWorker, EvalChunk, answers, client_record, float_state, frozen_state
 from raymed.results.metrics import EVAL_SPLITS, metric_prefix
 from raymed.errors import ClientFailure, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
@@ -303,32 +303,15 @@ class ServerActor:
         # The reducing worker keeps the deadline for the others itself: give it a little longer to say which were late.
         deadline = None if timeout is None else time.monotonic() + timeout + max(1.0, 0.1 * timeout)
         for first, ref, others in trees:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            done, _ = ray.wait([ref], timeout=left)
-            why = None
-            if not done:
-                why = f"worker {first} did not answer within engine.worker_timeout_s={timeout:g} s"
-            else:
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
-                    why = f"worker {first} died ({type(exc).__name__})"
-            if why is None:
-                for w, lost in result.pop("lost"):
-                    yield self._lost(w, groups[w], r, attempt, lost)
-                yield result
-                continue
-            # The reducing worker is gone: take its node's other partials directly.
-            yield self._lost(first, groups[first], r, attempt, why)
-            for w, other in others:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                if not ray.wait([other], timeout=left)[0]:
-                    yield self._lost(w, groups[w], r, attempt, f"worker {w} did not answer within engine.worker_timeout_s={timeout:g} s")
+            for _, result, why in answers([(first, ref)], deadline, timeout):
+                if why is None:
+                    yield from (self._lost(w, groups[w], r, attempt, lost) for w, lost in result.pop("lost"))
+                    yield result
                     continue
-                try:
-                    yield ray.get(other)
-                except ray.exceptions.RayActorError as exc:
-                    yield self._lost(w, groups[w], r, attempt, f"worker {w} died ({type(exc).__name__})")
+                # The reducing worker is gone: take its node's other partials directly.
+                yield self._lost(first, groups[first], r, attempt, why)
+                for w, other, lost in answers(others, deadline, timeout):
+                    yield other if lost is None else self._lost(w, groups[w], r, attempt, lost)
 
     def _lost(self, w: int, clients: list[int], r: int, attempt: int, why: str) -> dict[str, Any]:
         if self.cfg.engine.on_client_failure == "stop":

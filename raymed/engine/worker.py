@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -141,7 +142,7 @@ class ClientWorker:
         if states:
             ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
         result = {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb(), "lost": []}
-        return fold_in(result, others, None if timeout_s is None else started + timeout_s)
+        return fold_in(result, others, None if timeout_s is None else started + timeout_s, timeout_s)
 
     def _local_training(self, round_: int, payload: Weights, client_ids: list[int], attempt: int):
         """Yield (context, update, seconds, failure) per client: one at a time, or all together when
@@ -242,19 +243,27 @@ def client_seed(seed: int, round_: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0])
 
 
-def fold_in(result: dict[str, Any], others: list[tuple[int, Any]], deadline: float | None) -> dict[str, Any]:
-    """Merge the partials of ``others`` [(worker slot, train call reference)] into ``result``, in
-    that order, each as soon as it is there; a worker that died or missed ``deadline`` (monotonic)
-    goes under ``result["lost"]`` with the reason."""
-    for worker, ref in others:
+def answers(calls: list[tuple[int, Any]], deadline: float | None, timeout_s: float | None) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Wait for ``calls`` [(worker slot, reference of its train call)] in that order, each as soon
+    as it is there: (worker, its result, None), or (worker, None, why) for a worker that died or
+    missed ``deadline`` (monotonic; ``timeout_s`` is the engine.worker_timeout_s it came from)."""
+    for worker, ref in calls:
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         if not ray.wait([ref], timeout=left)[0]:
-            result["lost"].append((worker, f"worker {worker} did not answer within engine.worker_timeout_s"))
+            yield worker, None, f"worker {worker} did not answer within engine.worker_timeout_s={timeout_s:g} s"
             continue
         try:
-            other = ray.get(ref)
+            yield worker, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:  # killed, out of memory, or its node is gone
-            result["lost"].append((worker, f"worker {worker} died ({type(exc).__name__})"))
+            yield worker, None, f"worker {worker} died ({type(exc).__name__})"
+
+
+def fold_in(result: dict[str, Any], others: list[tuple[int, Any]], deadline: float | None, timeout_s: float | None) -> dict[str, Any]:
+    """Merge the partials of ``others`` into ``result``, in order, each as soon as it is there; a
+    worker that died or missed ``deadline`` goes under ``result["lost"]`` with the reason."""
+    for worker, other, why in answers(others, deadline, timeout_s):
+        if why is not None:
+            result["lost"].append((worker, why))
             continue
         result["accumulator"].merge(other["accumulator"])
         result["records"] += other["records"]

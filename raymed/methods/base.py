@@ -212,9 +212,7 @@ class WeightedMean:
 
     def __getstate__(self) -> dict[str, Any]:
         """On the wire: one float32 array per parameter (zero-copy in Ray's object store)."""
-        state = dict(self.__dict__)
-        state["partial"] = {k: s.total().numpy() for k, s in self.partial.items()}
-        return state
+        return {**self.__dict__, "partial": self.sums}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["partial"] = {k: PairwiseSum(received=as_tensor(v)) for k, v in state["partial"].items()}
@@ -261,7 +259,6 @@ class ClientContext:
     round_lr: float | None = None  # this round's local learning rate (clients.lr_schedule); None: clients.lr
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
-    _model_state: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def num_train(self) -> int:
@@ -271,12 +268,11 @@ class ClientContext:
     def trained_keys(self) -> list[str]:
         return self.model.state_keys(self.shard.datasets)
 
+    @functools.cached_property
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's state tensors by name, looked up once per client (views of the parameters
         and buffers, so they follow training, which updates them in place)."""
-        if self._model_state is None:
-            self._model_state = self.model.state_dict()
-        return self._model_state
+        return self.model.state_dict()
 
     @property
     def lr(self) -> float:
@@ -291,7 +287,7 @@ class ClientContext:
         return self._rng
 
     def load(self, weights: Weights) -> None:
-        load_weights(self.model, weights, self.model_state())
+        load_weights(self.model, weights, self.model_state)
 
     def own_state(self, is_own: Callable[[str], bool]) -> Weights:
         """What this client keeps between rounds (FedPer's heads, FedMRG's specialised adapter): its
@@ -301,13 +297,13 @@ class ClientContext:
         return {k: v for k, v in self.initial_weights.items() if is_own(k)}
 
     def read(self, keys: list[str]) -> Weights:
-        state = self.model_state()
+        state = self.model_state
         return {k: state[k].detach().cpu().numpy().copy() for k in keys}
 
     def delta_from(self, payload: Weights, keys: list[str] | None = None) -> Weights:
         """Local minus received weights, for the trained keys that came down in ``payload``: one
         torch subtraction per key on the client's device, handed over as numpy (no further copy on the CPU)."""
-        state = self.model_state()
+        state = self.model_state
         keys = [k for k in (keys or self.trained_keys) if k in payload]
         with torch.no_grad():
             return {k: torch.sub(state[k], as_tensor(payload[k]).to(state[k].device)).cpu().numpy() for k in keys}
