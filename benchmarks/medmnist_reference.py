@@ -68,6 +68,7 @@ RECIPE = [
     "clients.local_epochs=1",
     "clients.local_steps=null",  # central: one epoch per round; FedAvg sets its K below
     "data.normalise=fixed",  # as measured (per-dataset statistics did not help one dataset alone)
+    "strategy.weighting=examples",  # FedAvg's n_k-weighted mean, as measured (the embedded default weighs clients alike)
     "data.augment=true",
     "data.val_fraction=0",
     "data.holdout_fraction=0",

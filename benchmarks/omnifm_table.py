@@ -57,8 +57,9 @@ class Bench(PaperBench):
     quick = tuple(QUICK)
 
     def run_one(self, section: str, overrides: list[str]) -> dict:
-        # the table's protocol: local epochs and fixed normalisation, as measured before the embedded default changed
-        cfg, run, wall = self.federation(["clients.local_steps=null", "data.normalise=fixed", *overrides])
+        # the table's protocol: local epochs, fixed normalisation and the paper's n_k-weighted mean, as measured
+        # before the embedded default changed
+        cfg, run, wall = self.federation(["clients.local_steps=null", "data.normalise=fixed", "strategy.weighting=examples", *overrides])
         final = self.selected(run)
         flags = cfg.data.datasets
         pct = lambda v: None if v is None else 100 * v  # noqa: E731

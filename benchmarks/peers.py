@@ -93,6 +93,7 @@ def experiment_overrides(setting: Setting, args: argparse.Namespace, output_dir:
         "clients.lr_schedule=constant",
         "data.augment=false",
         "data.normalise=fixed",
+        "strategy.weighting=examples",  # n_k-weighted, as Flower's FedAvg and pfl weigh
         f"rounds={args.rounds}",
         f"eval.every={args.rounds}",
         "eval.personalised=false",

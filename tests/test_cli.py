@@ -67,7 +67,7 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p for p in (tmp_path / "results").glob("fedper-seed3-*") if p.is_dir()]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["rounds"] == 2 and saved["strategy"] == {"name": "fedper", "server_lr": 1.0, "personal_layers": ["heads."]}
+    assert saved["rounds"] == 2 and saved["strategy"] == {"name": "fedper", "server_lr": 1.0, "weighting": "examples", "personal_layers": ["heads."]}
     rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
     assert rounds["round"].tolist() == [1, 2]
     assert (rounds["comm/bytes_up"] > 0).all() and rounds["personal/client_mean/acc"].between(0, 1).all()

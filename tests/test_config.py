@@ -6,7 +6,7 @@ from raymed.errors import ConfigError
 
 def test_embedded_default_is_valid_and_resolved():
     cfg = load_config()
-    assert cfg.strategy.name == "fedavg" and cfg.strategy.params == {"server_lr": 1.0}
+    assert cfg.strategy.name == "fedavg" and cfg.strategy.params == {"server_lr": 1.0, "weighting": "uniform"}
     assert cfg.data.partition == "modality" and cfg.clients.num == 20
 
 

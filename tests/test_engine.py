@@ -23,8 +23,9 @@ def _server(cfg, shard_dir, workers=2, name="t"):
     return ray.remote(ServerActor).remote(cfg.to_dict(), str(shard_dir), workers, name, None)
 
 
-def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, ray_session):
-    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", "eval.personalised=false")
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, ray_session, weighting):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", f"strategy.weighting={weighting}", "data.partition=quantity", "eval.personalised=false")
     shard_dir = materialise(cfg)
     server = _server(cfg, shard_dir, name="avg")
     initial = ray.get(server.get_state.remote()).weights
@@ -32,20 +33,24 @@ def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, 
     after = ray.get(server.get_state.remote()).weights
     ray.kill(server)
 
-    # By hand: train every sampled client from the same start, then Σ n_k w_k / Σ n_k per parameter
-    # over the clients that hold it (a dataset's head is averaged over that dataset's clients).
+    # By hand: train every sampled client from the same start, then Σ a_k w_k / Σ a_k per parameter
+    # over the clients that hold it (a dataset's head is averaged over that dataset's clients), with
+    # a_k = n_k (weighting: examples) or 1 (uniform).
     torch.set_num_threads(1)
     shards = ShardSet(shard_dir)
     model = build_model(cfg.model.name, shards.tasks, cfg.seed)
     method = build_method("fedavg", cfg.strategy.params)
-    sums, totals = {}, {}
+    sums, totals, sizes = {}, {}, set()
     for cid in sample_clients(cfg.seed, 1, cfg.clients.num, cfg.clients.fraction):
         ctx = client_context(cfg, cid, 1, model, shards, torch.device("cpu"), float_state(model))
         update = method.client_update(ctx, initial)
+        a_k = ctx.num_train if weighting == "examples" else 1
+        sizes.add(ctx.num_train)
         for key, delta in update.delta.items():
             local = initial[key] + delta
-            sums[key] = sums.get(key, 0) + ctx.num_train * local.astype(np.float64)
-            totals[key] = totals.get(key, 0) + ctx.num_train
+            sums[key] = sums.get(key, 0) + a_k * local.astype(np.float64)
+            totals[key] = totals.get(key, 0) + a_k
+    assert len(sizes) > 1  # clients of unequal sizes, so the two weightings differ
     assert set(sums) == set(after)
     for key in after:
         np.testing.assert_allclose(after[key], sums[key] / totals[key], rtol=1e-4, atol=1e-5, err_msg=key)

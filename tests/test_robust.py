@@ -171,7 +171,7 @@ def test_impossible_settings_are_refused_in_one_line(data_dir, tmp_path):
     assert "n−f=7" in refused(data_dir, tmp_path, *ten, "strategy.name=krum", "strategy.byzantine=3", "strategy.select=8")
     assert small_config(data_dir, tmp_path, *ten, "strategy.name=krum", "strategy.byzantine=3", "strategy.select=7").strategy.params["select"] == 7
     assert "leaving none" in refused(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.45")
-    assert small_config(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.4").strategy.params == {"server_lr": 1.0, "trim": 0.4}
+    assert small_config(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.4").strategy.params == {"server_lr": 1.0, "weighting": "uniform", "trim": 0.4}
     assert "strategy.trim" in refused(data_dir, tmp_path, "strategy.name=trimmed_mean", "strategy.trim=0.5")
     assert "leaving none" in refused(data_dir, tmp_path, "strategy.name=trimmed_mean", "strategy.trim=0.34")  # ⌈1.02⌉ = 2 of 3
     assert small_config(data_dir, tmp_path, "strategy.name=trimmed_mean").strategy.params["trim"] == 0.1  # ⌈0.3⌉ = 1 of 3: one left

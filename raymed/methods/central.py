@@ -17,20 +17,29 @@ Its validation-selected test metrics are the centralised reference beside FedAvg
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from raymed.config import ExperimentConfig
-from raymed.methods.base import ClientContext, ClientUpdate, Method, NoParams, ServerState, WeightedMean, Weights, local_optimizer, local_sgd, register_method, trained_parameters
+from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_optimizer, local_sgd, register_method, trained_parameters
 from raymed.methods.fedavg import apply_mean_update
 
 _SEP = "::"  # optimiser state key: "<parameter name>::<state entry>"
 
 
+class CentralParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Accepted so that a federated config (the embedded default sets it) runs centrally as it is.
+    weighting: Literal["examples", "uniform"] = Field("examples", description="no effect: the mean of one client's update is that update")
+
+
 @register_method
 class Central(Method):
     name = "central"
-    Params = NoParams
+    Params = CentralParams
 
     def configure(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """One client holding every training row, training in every round."""

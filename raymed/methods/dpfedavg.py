@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -109,6 +109,7 @@ STATE_PREFIX = "dpsgd/"  # client state keys: dpsgd/<dataset> -> rows (σ, q, st
 
 
 class DPFedAvgParams(FedAvgParams):
+    weighting: Literal["uniform"] = Field("uniform", description="every clipped update counts alike (the sensitivity is C)")
     clip: float = Field(1.0, gt=0, description="C, the L2 norm each client update is clipped to")
     noise_multiplier: float = Field(1.0, ge=0, description="z: the server adds N(0, z²C²) to the sum of clipped updates")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ) guarantees")

@@ -8,13 +8,18 @@ Round t, with sampled clients S_t and n_k local training examples at client k:
     server:    w_{t+1} = w_t + η_s · Σ_{k∈S_t} n_k Δ_k / Σ_{k∈S_t} n_k
 
 With the server learning rate η_s = 1 this is the paper's weighted model average
-w_{t+1} = Σ n_k w_k / Σ n_k. Parameters a client does not train (the heads of datasets it does not
+w_{t+1} = Σ n_k w_k / Σ n_k. ``weighting: uniform`` replaces n_k by 1 (the mean of the client
+objectives rather than of the examples): with ``clients.local_steps`` every client takes the same
+number of steps, and n_k-weighting would let the clients with the most rows, here the largest
+modality, drive the shared layers alone. Parameters a client does not train (the heads of datasets it does not
 hold) are not sent, so each head is averaged over the clients that hold its dataset.
 """
 
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from raymed.methods.base import (
@@ -34,6 +39,14 @@ from raymed.methods.vectorised import local_sgd_many, subtract
 class FedAvgParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     server_lr: float = Field(1.0, gt=0, description="η_s, the step the server takes along the mean update")
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="a client's weight in the mean update: n_k, its training rows (the paper), or 1"
+    )
+
+
+def client_weight(params: FedAvgParams, ctx: ClientContext) -> float:
+    """The client's weight in the server's mean (``weighting``): n_k or 1."""
+    return float(ctx.num_train) if params.weighting == "examples" else 1.0
 
 
 def apply_mean_update(state: ServerState, accumulator: WeightedMean, server_lr: float) -> ServerState:
@@ -56,14 +69,14 @@ class FedAvg(Method):
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         ctx.load(payload)
         metrics = local_sgd(ctx, self.local_penalty(payload, ctx.device))
-        return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+        return ClientUpdate(delta=ctx.delta_from(payload), weight=client_weight(self.params, ctx), metrics=metrics)
 
     def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
         if not ctxs:
             return []
         trained = local_sgd_many(ctxs, [payload] * len(ctxs), self.local_penalty(payload, ctxs[0].device))
         return [
-            ClientUpdate(delta=subtract(weights, payload), weight=ctx.num_train, metrics=metrics)
+            ClientUpdate(delta=subtract(weights, payload), weight=client_weight(self.params, ctx), metrics=metrics)
             for ctx, (weights, metrics) in zip(ctxs, trained)
         ]
 

@@ -48,7 +48,7 @@ from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
-from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+from raymed.methods.fedavg import FedAvgParams, apply_mean_update, client_weight
 from raymed.models.knowledge import CentralModel, CentralSpec, LocalModel
 
 IN_CHANNELS = 3  # every encoder takes RGB; gray images (and volumes) are repeated to fit
@@ -187,7 +187,7 @@ class FedKIM(Method):
     def client_update(self, ctx: ClientContext, payload: Weights) -> ClientUpdate:
         ctx.load(payload)
         metrics = local_sgd(ctx, self._proximal(payload, ctx.device))
-        return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+        return ClientUpdate(delta=ctx.delta_from(payload), weight=client_weight(self.params, ctx), metrics=metrics)
 
     def _proximal(self, payload: Weights, device: torch.device):
         from raymed.methods.fedprox import proximal_penalty

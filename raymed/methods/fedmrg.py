@@ -47,7 +47,7 @@ from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
-from raymed.methods.fedavg import FedAvgParams
+from raymed.methods.fedavg import FedAvgParams, client_weight
 from raymed.models.report import ReportModel, build_report_model
 
 GENERIC, SPECIALISED = "generic", "specialised"
@@ -257,7 +257,7 @@ class FedMRG(Method):
         uploads = self._prototype_sums(ctx) if p.use_contrastive else {}
         return ClientUpdate(
             delta=self._factorised_delta(trained, payload),
-            weight=ctx.num_train,
+            weight=client_weight(self.params, ctx),
             metrics=metrics,
             state={k: v for k, v in trained.items() if self.is_personal(k)},
             uploads=uploads,

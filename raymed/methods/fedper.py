@@ -30,7 +30,7 @@ from raymed.methods.base import (
     local_sgd,
     register_method,
 )
-from raymed.methods.fedavg import FedAvgParams, apply_mean_update
+from raymed.methods.fedavg import FedAvgParams, apply_mean_update, client_weight
 from raymed.methods.vectorised import local_sgd_many, subtract
 
 
@@ -85,4 +85,4 @@ class FedPer(Method):
         """Send the shared layers' change; keep the personal layers as the client's state."""
         shared = [k for k in trained if not self.is_personal(k)]
         personal = {k: v for k, v in trained.items() if self.is_personal(k)}
-        return ClientUpdate(delta=subtract(trained, payload, shared), weight=ctx.num_train, metrics=metrics, state=personal)
+        return ClientUpdate(delta=subtract(trained, payload, shared), weight=client_weight(self.params, ctx), metrics=metrics, state=personal)

@@ -45,7 +45,7 @@ from raymed.config import ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, Weights, local_sgd, register_method
-from raymed.methods.fedavg import FedAvg, FedAvgParams
+from raymed.methods.fedavg import FedAvg, FedAvgParams, client_weight
 from raymed.models import Backbone, FedModel, build_backbone, images_of
 from raymed.models.experts import add_experts, fuse, set_route
 
@@ -188,7 +188,7 @@ class LoRKD(FedAvg):
 
         metrics = local_sgd(ctx, objective=objective)
         if p.expert_sharing == "task":
-            return ClientUpdate(delta=ctx.delta_from(payload), weight=ctx.num_train, metrics=metrics)
+            return ClientUpdate(delta=ctx.delta_from(payload), weight=client_weight(self.params, ctx), metrics=metrics)
         experts = [k for k in ctx.trained_keys if is_expert(k)]
         shared = [k for k in ctx.trained_keys if not is_expert(k)]
-        return ClientUpdate(delta=ctx.delta_from(payload, shared), weight=ctx.num_train, metrics=metrics, state=ctx.read(experts))
+        return ClientUpdate(delta=ctx.delta_from(payload, shared), weight=client_weight(self.params, ctx), metrics=metrics, state=ctx.read(experts))

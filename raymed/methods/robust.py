@@ -54,6 +54,7 @@ import logging
 import math
 from abc import abstractmethod
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -205,16 +206,20 @@ class RobustAggregation(FedAvg):
         return ServerState(weights=weights, round=state.round, extra=state.extra)
 
 
+class RobustParams(FedAvgParams):
+    weighting: Literal["uniform"] = Field("uniform", description="the rules weigh every client alike (see above)")
+
+
 @register_method
 class Median(RobustAggregation):
     name = "median"
-    Params = FedAvgParams
+    Params = RobustParams
 
     def robust_delta(self, updates: list[Weights]) -> Weights:
         return coordinate_median(updates)
 
 
-class TrimmedMeanParams(FedAvgParams):
+class TrimmedMeanParams(RobustParams):
     trim: float = Field(0.1, ge=0, lt=0.5, description="β, the fraction of values cut from EACH end of every coordinate")
 
 
@@ -237,7 +242,7 @@ class TrimmedMean(RobustAggregation):
         return trimmed_mean(updates, self.params.trim)
 
 
-class KrumParams(FedAvgParams):
+class KrumParams(RobustParams):
     byzantine: int = Field(1, ge=0, description="f, the number of Byzantine clients per round Krum tolerates")
     select: int = Field(1, ge=1, description="m, updates averaged: 1 = Krum, > 1 = multi-Krum")
 
