@@ -209,6 +209,9 @@ class DecoderConfig(Section):
 
 class ModelConfig(Section):
     name: str = "cnn"  # the image encoder (backbone)
+    # per_dataset: one head per dataset, averaged over the clients holding it; shared: one head over the
+    # union of every dataset's classes (labels offset per dataset), as one model federated over them all
+    head: Literal["per_dataset", "shared"] = "per_dataset"
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
 
 

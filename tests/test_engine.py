@@ -23,9 +23,10 @@ def _server(cfg, shard_dir, workers=2, name="t"):
     return ray.remote(ServerActor).remote(cfg.to_dict(), str(shard_dir), workers, name, None)
 
 
-@pytest.mark.parametrize("weighting", ["examples", "uniform"])
-def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, ray_session, weighting):
-    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", f"strategy.weighting={weighting}", "data.partition=quantity", "eval.personalised=false")
+@pytest.mark.parametrize("weighting, head", [("examples", "per_dataset"), ("uniform", "per_dataset"), ("examples", "shared")])
+def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, ray_session, weighting, head):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", f"strategy.weighting={weighting}", f"model.head={head}",
+                       "data.partition=quantity", "eval.personalised=false")
     shard_dir = materialise(cfg)
     server = _server(cfg, shard_dir, name="avg")
     initial = ray.get(server.get_state.remote()).weights
@@ -35,7 +36,8 @@ def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, 
 
     # By hand: train every sampled client from the same start, then Σ a_k w_k / Σ a_k per parameter
     # over the clients that hold it (a dataset's head is averaged over that dataset's clients), with
-    # a_k = n_k (weighting: examples) or 1 (uniform).
+    # a_k = n_k (weighting: examples) or 1 (uniform). A shared head is one head every client trains,
+    # averaged over all of them.
     torch.set_num_threads(1)
     shards = ShardSet(shard_dir)
     model = build_model(cfg.model.name, shards.tasks, cfg.seed)
@@ -51,6 +53,10 @@ def test_fedavg_round_equals_hand_computed_weighted_average(data_dir, tmp_path, 
             sums[key] = sums.get(key, 0) + a_k * local.astype(np.float64)
             totals[key] = totals.get(key, 0) + a_k
     assert len(sizes) > 1  # clients of unequal sizes, so the two weightings differ
+    heads = {k.split(".")[1] for k in after if k.startswith("heads.")}
+    assert heads == ({"shared"} if head == "shared" else set(shards.tasks))
+    if head == "shared":  # one head over 2 + 2 classes (PneumoniaMNIST, BreastMNIST)
+        assert after["heads.shared.weight"].shape[0] == sum(t.num_classes for t in shards.tasks.values()) == 4
     assert set(sums) == set(after)
     for key in after:
         np.testing.assert_allclose(after[key], sums[key] / totals[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -70,6 +76,9 @@ def test_fedper_head_never_reaches_the_server(data_dir, tmp_path, ray_session):
     assert not any(k.startswith("heads.") for k in ray.get(server.get_state.remote()).weights)
     assert "global/pneumoniamnist/acc" not in result["metrics"]  # no global head to test
     assert "personal/pneumoniamnist/acc" in result["metrics"]
+    # A client never sampled has only the seeded initial head: left out of the personalised metrics, counted.
+    seen = {c for r in (1, 2) for c in sample_clients(cfg.seed, r, cfg.clients.num, cfg.clients.fraction)}
+    assert len(seen) < cfg.clients.num and result["metrics"]["eval/unseen_clients"] == cfg.clients.num - len(seen)
     ray.kill(server)
 
     # What a worker hands back to the server for a round: no head anywhere in it.

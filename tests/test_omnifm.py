@@ -14,6 +14,7 @@ from raymed.engine import ServerActor
 from raymed.engine.worker import float_state
 from raymed.methods import ClientContext, build_method, client_context
 from raymed.methods.omnifm import CENTROIDS_PREFIX, HITS_KEY, SpectralKnowledgeBase, SpectralToken, retrieve
+from raymed.models import build_model
 from tests.conftest import small_config
 
 
@@ -125,16 +126,45 @@ def test_client_keeps_c_and_heads_and_uploads_no_image_sized_tensor(data_dir, tm
     assert "psp.cls" not in state.weights and not any(k.startswith("heads.") for k in state.weights)
 
 
-def test_spalign_pulls_the_spectral_token_towards_the_retrieved_prototypes(data_dir, tmp_path):
-    """λ > 0 trains the spectral encoder (its only gradient); λ = 0 leaves it where it was."""
+def test_spalign_changes_the_spectral_update(data_dir, tmp_path):
+    """The task loss moves the spectral encoder on its own (λ = 0); SPAlign (λ > 0) changes where it goes."""
     moved = {}
     for lam in (0.0, 1.0):
         cfg, shards, method, state, context = _omnifm_client(data_dir, tmp_path / str(lam), f"strategy.lam={lam}")
         kb = state.extra["gskr"]
         kb.insert(np.random.default_rng(0).normal(size=(8, cfg.strategy.params["token_dim"])), ["pneumoniamnist"] * 8, 0)
         update = method.client_update(context(0, 1), method.broadcast(state))
-        moved[lam] = max(float(np.abs(v).max()) for k, v in update.delta.items() if k.startswith("spectral."))
-    assert moved[0.0] == 0.0 and moved[1.0] > 0
+        moved[lam] = {k: v for k, v in update.delta.items() if k.startswith("spectral.")}
+    assert all(np.abs(v).max() > 0 for v in moved[0.0].values())
+    assert any(not np.allclose(moved[0.0][k], moved[1.0][k]) for k in moved[0.0])
+
+
+@pytest.mark.parametrize("bank", [False, True])
+def test_the_task_loss_reaches_every_spectral_and_backbone_parameter(data_dir, tmp_path, bank):
+    """With λ = 0 (no SPAlign), with and without a knowledge base to retrieve from: a gradient of the
+    task loss alone reaches every parameter of the spectral tokenizer and of the backbone."""
+    cfg, shards, method, state, context = _omnifm_client(data_dir, tmp_path, "strategy.lam=0")
+    if bank:
+        state.extra["gskr"].insert(np.random.default_rng(0).normal(size=(8, cfg.strategy.params["token_dim"])), ["pneumoniamnist"] * 8, 0)
+    ctx = context(0, 1)
+    method.load_personalised(ctx, method.broadcast(state))
+    model = ctx.model
+    model.train()
+    flag, (x, y) = next(iter(ctx.tensors("train").items()))
+    enc = model.encode(x[:16])
+    assert (enc.prototypes is not None) == bank
+    ctx.tasks[flag].loss(model.head(flag)(enc.features, x[:16]), y[:16]).backward()
+    for name, param in model.named_parameters():
+        if name.startswith(("spectral.", "backbone.")):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_omnifm_holds_the_same_backbone_as_fedavg(data_dir, tmp_path):
+    cfg, shards, method, state, context = _omnifm_client(data_dir, tmp_path)
+    omni = method.build_model(cfg.model, shards.tasks, cfg.seed)
+    plain = build_model(cfg.model.name, shards.tasks, cfg.seed)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items() if k.startswith("backbone.")}  # noqa: E731
+    assert shapes(omni) == shapes(plain) and shapes(plain)
 
 
 def test_omnifm_rounds_on_ray_keep_c_on_the_clients(data_dir, tmp_path, ray_session):

@@ -204,3 +204,32 @@ def test_auc_and_macro_f1_equal_scikit_learn_on_model_outputs():
         expected = roc_auc_score(y, probs[:, 1]) if task.num_classes == 2 else roc_auc_score(y, probs, multi_class="ovr", average="macro")
         assert m["auc"] == pytest.approx(expected, rel=1e-6), task.kind
         assert m["acc"] == pytest.approx(np.mean(pred == y)) and 0.3 < m["acc"] < 1.0  # a fixture that is neither trivial nor hopeless
+
+
+def test_shared_head_trains_the_union_softmax_and_an_other_datasets_class_is_wrong():
+    from raymed.data.tasks import shared_label_space
+
+    tasks = shared_label_space({
+        "pneumoniamnist": TaskSpec.from_medmnist("pneumoniamnist"),  # classes 0-1 of the union
+        "retinamnist": TaskSpec.from_medmnist("retinamnist"),  # classes 2-6
+    })
+    retina = tasks["retinamnist"]
+    assert (retina.label_offset, retina.union_classes, retina.num_outputs) == (2, 7, 7)
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 7), torch.tensor([[0], [4], [1], [2], [3], [0]])
+    torch.testing.assert_close(retina.loss(logits, y), torch.nn.functional.cross_entropy(logits, y[:, 0] + 2))
+    weighted = retina.balanced(y.numpy())  # class weights apply to the dataset's own columns of the union
+    full = torch.ones(7)
+    full[2:] = torch.tensor(weighted.class_weights)
+    torch.testing.assert_close(weighted.loss(logits, y), torch.nn.functional.cross_entropy(logits, y[:, 0] + 2, weight=full))
+
+    scores = retina.scores(logits)
+    assert scores.shape == (6, 6)  # its 5 grades, then the likeliest other dataset's class
+    union_pred = logits.argmax(dim=1).numpy()
+    pred = retina.predict(scores)
+    for u, p in zip(union_pred, pred):
+        assert p == (u - 2 if 2 <= u < 7 else 5)  # argmax over the union; outside its own classes = column 5
+    right = (union_pred - 2 == y[:, 0].numpy()).mean()
+    assert retina.metrics(scores, y.numpy())["acc"] == pytest.approx(right)
+    with pytest.raises(ConfigError, match="model.head=shared needs single-label"):
+        shared_label_space({"chestmnist": TaskSpec.from_medmnist("chestmnist")})

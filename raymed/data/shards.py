@@ -39,7 +39,7 @@ from raymed.config import DataConfig, ExperimentConfig
 from raymed.data import medmnist_files, reports, vqa_rad
 from raymed.data.medmnist_files import DatasetFile
 from raymed.data.partition import local_split, partition
-from raymed.data.tasks import TaskSpec
+from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
 
 FORMAT_VERSION = 5  # 5: validation splits (global and per client), normalisation statistics, the ordinal loss
@@ -189,6 +189,7 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "val": d.val_fraction,
         "normalise": d.normalise,
         "ordinal_loss": cfg.task.ordinal_loss,
+        "head": cfg.model.head,
         "min": d.min_examples,
         "max_train": d.max_train_per_dataset,
         "max_test": d.max_test_per_dataset,
@@ -258,6 +259,8 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
         test[f.flag] = (_channel_first(xt, spatial), yt)
 
     tasks = {f.flag: source_task(f, cfg) for f in files}
+    if cfg.model.head == "shared":
+        tasks = shared_label_space(tasks)
     if d.normalise == "dataset":
         for flag, (x, _) in train.items():
             if tasks[flag].normalisable:

@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score, roc_auc_score
 
+from raymed.errors import ConfigError
+
 TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "prognosis", "superres", "vqa", "report"]
 ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question or report tokens)
 
@@ -86,6 +88,10 @@ class TaskSpec:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     class_weights: tuple[float, ...] = ()  # per-class loss weights (task.class_weighting=balanced), () = none
+    # model.head=shared: one head over the union of every dataset's classes, this dataset's being outputs
+    # label_offset … label_offset + num_classes − 1 of union_classes (0: the dataset has a head of its own)
+    label_offset: int = 0
+    union_classes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("class_names", "mean", "std", "class_weights"):  # JSON gives back lists
@@ -144,6 +150,8 @@ class TaskSpec:
 
     @property
     def num_outputs(self) -> int:
+        if self.union_classes:
+            return self.union_classes
         if self.kind == "superres":
             return self.channels * self.image_size**self.spatial_dims
         return self.num_classes - 1 if self.per_threshold else self.num_classes
@@ -240,6 +248,10 @@ class TaskSpec:
             thresholds = torch.arange(self.num_outputs, device=logits.device)
             return F.binary_cross_entropy_with_logits(logits, (target[:, None] > thresholds).float())
         weight = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device) if self.class_weights else None
+        if self.union_classes:  # the union's softmax; other datasets' classes keep weight 1 (never a target here)
+            if weight is not None:
+                weight = F.pad(weight, (self.label_offset, self.union_classes - self.label_offset - self.num_classes), value=1.0)
+            target = target + self.label_offset
         return F.cross_entropy(logits, target, weight=weight)
 
     # ---- evaluation
@@ -260,7 +272,12 @@ class TaskSpec:
             return (upper - lower).clamp_min(0).cpu().numpy()
         if self.kind == "prognosis":
             return grade_probabilities(logits).cpu().numpy()
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        probs = torch.softmax(logits, dim=1)
+        if self.union_classes:  # own classes, then the likeliest other dataset's class (argmax there: wrong)
+            own = probs[:, self.label_offset : self.label_offset + self.num_classes]
+            other = torch.cat([probs[:, : self.label_offset], probs[:, self.label_offset + self.num_classes :]], dim=1)
+            probs = torch.cat([own, other.max(dim=1, keepdim=True).values], dim=1)
+        return probs.cpu().numpy()
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         if self.kind == "multilabel":
@@ -312,17 +329,20 @@ class TaskSpec:
         y = labels[:, 0]
         classes = np.arange(self.num_classes)
         out = {
-            "acc": float((pred == y).mean()),
+            "acc": float((pred == y).mean()),  # a shared head's "other dataset" column (index C) is never right
             "f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
         }
+        own = scores[:, : self.num_classes]  # the dataset's own classes (renormalised under a shared head)
+        if scores.shape[1] > self.num_classes:
+            own = own / own.sum(axis=1, keepdims=True).clip(1e-12)
         if self.num_classes == 2:
-            out["auc"] = _safe_auc(lambda: roc_auc_score(y, scores[:, 1]))
+            out["auc"] = _safe_auc(lambda: roc_auc_score(y, own[:, 1]))
         else:
             out["auc"] = _safe_auc(
-                lambda: roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=classes)
+                lambda: roc_auc_score(y, own, multi_class="ovr", average="macro", labels=classes)
             )
         if self.graded:
-            out["mae"] = float(np.abs(pred - y).mean())
+            out["mae"] = float(np.abs(own.argmax(axis=1) - y).mean() if scores.shape[1] > self.num_classes else np.abs(pred - y).mean())
         if self.kind == "prognosis":
             out["c_index"] = c_index(y, scores @ classes)
         return out
@@ -407,3 +427,20 @@ def _safe_auc(compute) -> float:
         except ValueError:  # only one class present, or a class never seen: AUC is undefined
             return float("nan")
     return value
+
+
+def shared_label_space(tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+    """``model.head=shared``: the tasks of one head over the union of their classes, each dataset's
+    labels offset by the classes of the datasets before it (in ``tasks``' order), as a single-model
+    federation over several datasets trains them."""
+    other = [f"{flag} ({t.kind}{', cumulative' if t.per_threshold else ''})" for flag, t in tasks.items() if not t.single_label]
+    if other:
+        raise ConfigError(
+            f"model.head=shared needs single-label classification tasks (softmax over classes); {', '.join(other)} "
+            "is not: use model.head=per_dataset"
+        )
+    total, offset, out = sum(t.num_classes for t in tasks.values()), 0, {}
+    for flag, task in tasks.items():
+        out[flag] = replace(task, label_offset=offset, union_classes=total)
+        offset += task.num_classes
+    return out

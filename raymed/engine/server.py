@@ -380,6 +380,8 @@ class ServerActor:
         ref = ray.put(self.method.broadcast(self.state))
         futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(workers, groups) if g]
         parts = sum(ray.get(futures), [])
+        unseen = [part["client_id"] for part in parts if part.get("unseen")]
+        parts = [part for part in parts if not part.get("unseen")]
         rows, pooled = [], {}
         for part in parts:
             task = self.shards.tasks[part["dataset"]]
@@ -389,6 +391,8 @@ class ServerActor:
             )
             pooled.setdefault((part["split"], part["dataset"]), []).append(part)
         out: dict[str, float] = {}
+        if self.method.personal_state:  # clients left out: never sampled, their model would be the seeded init
+            out["eval/unseen_clients"] = float(len(unseen))
         for (split, flag), items in sorted(pooled.items()):
             scores = np.concatenate([p["scores"] for p in items])
             labels = np.concatenate([p["labels"] for p in items])

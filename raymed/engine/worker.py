@@ -219,9 +219,13 @@ class ClientWorker:
 
     def evaluate_personalised(self, payload: Weights, client_ids: list[int]) -> list[dict[str, Any]]:
         """Each client's personalised model on its own validation rows (``split`` val) and held-out
-        rows (``split`` test): scores and labels per dataset."""
+        rows (``split`` test): scores and labels per dataset; a client whose personalised model would
+        be the seeded initial one (never sampled yet, under a method with personal state) is only named."""
         results = []
         for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
+            if state is None and self.method.personal_state:
+                results.append({"client_id": client_id, "unseen": True})
+                continue
             ctx = self._context(client_id, -1, state)
             self.method.load_personalised(ctx, payload)
             for split_name, splits in (("val", ctx.shard.val), ("test", ctx.shard.holdout)):

@@ -462,6 +462,9 @@ class Method(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     mixes_dimensions: ClassVar[bool] = False  # True: the model has an encoder per input kind (2D and 3D together)
     uses_server_model: ClassVar[bool] = False  # True: the server trains a model of its own (DeepSpeed ranks)
+    # True: a client's personalised model reads state it keeps between rounds (FedPer's heads), so a
+    # client never sampled yet has only the seeded initial values: evaluation leaves it out and counts it.
+    personal_state: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

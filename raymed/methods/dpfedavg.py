@@ -228,7 +228,7 @@ def dp_sgd(ctx: ClientContext, noise_multiplier: float, max_grad_norm: float) ->
     model.train()
     trained = set(ctx.trained_keys)
     params = {name: p for name, p in model.named_parameters() if name in trained}
-    heads = {flag: [p for name, p in params.items() if name.startswith(f"heads.{flag}.")] for flag in ctx.tensors("train")}
+    heads = {flag: [p for name, p in params.items() if name.startswith(f"heads.{model.head_key(flag)}.")] for flag in ctx.tensors("train")}
     base = local_optimizer(params.values(), cfg, ctx.lr)
     plan, rates = poisson_plan(ctx, cfg.local_epochs)
     requires = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -91,6 +91,8 @@ class FedKIM(Method):
         unknown = [f for f in d.datasets + d.held_out if f not in CATALOGUE]
         if unknown:
             raise ConfigError(f"strategy fedkim has no question for {', '.join(unknown)}; its datasets: {', '.join(CATALOGUE)}")
+        if cfg.model.head != "per_dataset":
+            raise ConfigError("strategy fedkim's clients each train their own dataset's head: set model.head=per_dataset")
         if d.server_fraction <= 0:
             raise ConfigError("strategy fedkim trains its central model on the server's own split: set data.server_fraction > 0 (e.g. 0.1)")
         if cfg.model.decoder.lora_rank < 1:

@@ -166,6 +166,7 @@ def token_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -
 class FedMRG(Method):
     name = "fedmrg"
     Params = FedMRGParams
+    personal_state = True
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         if cfg.data.task != "report":

@@ -44,6 +44,7 @@ class FedPerParams(FedAvgParams):
 class FedPer(Method):
     name = "fedper"
     Params = FedPerParams
+    personal_state = True
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         if cfg.data.task == "report" and "heads." in self.params.personal_layers:

@@ -99,12 +99,12 @@ class LoRKDModel(FedModel):
 
     def forward(self, x: ModelInput, dataset: str) -> torch.Tensor:
         route = torch.full((len(images_of(x)),), self.task_index[dataset], device=images_of(x).device)
-        return self.heads[dataset](self.features(x, route), x)
+        return self.head(dataset)(self.features(x, route), x)
 
     def fused(self, dataset: str) -> FedModel:
         """The deployed network of one task: W = W0 + ΔW_t on every layer and that task's head."""
         plain = FedModel(fuse(self.backbone, dataset), self.backbone.feature_dim, {}, self.in_channels)
-        plain.heads[dataset] = self.heads[dataset]
+        plain.heads[self.head_key(dataset)] = self.head(dataset)
         return plain
 
     def predict(self, x: ModelInput, dataset: str) -> torch.Tensor:
@@ -112,7 +112,7 @@ class LoRKDModel(FedModel):
 
     def state_keys(self, datasets: list[str]) -> list[str]:
         """What a client with ``datasets`` trains: W0, the norms, its tasks' experts and heads."""
-        own = {f"heads.{d}." for d in datasets}
+        own = {f"heads.{self.head_key(d)}." for d in datasets}
         keys = []
         for key in self.state_dict():
             if key in self.unsent_keys or (key.startswith("heads.") and not key.startswith(tuple(own))):
@@ -166,6 +166,10 @@ class LoRKD(FedAvg):
         return None if self.params.expert_sharing == "client" else state.weights
 
     # ---- client half
+
+    @property
+    def personal_state(self) -> bool:  # type: ignore[override]
+        return self.params.expert_sharing == "client"
 
     def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
         ctx.load(payload)

@@ -130,12 +130,12 @@ class MAFM3Model(FedModel):
         images = images_of(x)
         self.patch.modality = modality_of(dataset)
         set_route(self.backbone, torch.full((len(images),), self.names.index(self.modules_of[dataset]), device=images.device))
-        return self.heads[dataset](self.backbone(images), x)
+        return self.head(dataset)(self.backbone(images), x)
 
     def state_keys(self, datasets: list[str]) -> list[str]:
         """A client's modules: its (task, modality) LoRA modules, heads, and new patch embeddings."""
         mine = {self.modules_of[d] for d in datasets}
-        own = (*(f"heads.{d}." for d in datasets), *(f"{self.new_embedding_prefix}{modality_of(d)}." for d in datasets))
+        own = (*(f"heads.{self.head_key(d)}." for d in datasets), *(f"{self.new_embedding_prefix}{modality_of(d)}." for d in datasets))
         return [k for k in self.state_dict() if k.startswith(own) or (".lora_" in k and k.rsplit(".", 1)[1] in mine)]
 
     def foundation_state(self) -> dict[str, torch.Tensor]:

@@ -3,14 +3,22 @@ federations whose clients hold different imaging modalities and tasks. CVPR 2026
 https://arxiv.org/abs/2603.21660 (no public code: every value the paper leaves open is a parameter
 of :class:`OmniFMParams`, with the default documented there).
 
-Client k, image x, backbone spatial tokens r = lift(body(x)) ∈ R^{N×d} (the backbone is not modified):
+Client k, image x, the backbone's feature map m = body(x), unmodified and whole: its spatial tokens
+r = lift(m) ∈ R^{N×d} and its own feature vector g = lift_g(pool(m)) ∈ R^d (the vector every other
+method's head reads, so OmniFM holds the same backbone as they do and every parameter of it trains):
 
     spectral token   s = normalise(pool(proj(FreqMix(log1p|fftshift(FFT2(x))| ⊙ 1[|ω| ≤ ρ·ω_max]))))
                      ‖s‖ = 1, and s is invariant to circular shifts of x (it sees only |FFT|)
     GSKR retrieval   S_g = top-k_{b ∈ B} cos(s, b)       B: the server's knowledge base (a round snapshot)
-    ECA              Z = softmax((r W_q)(S_g W_k)ᵀ / √d) (S_g W_v)      queries r, keys/values S_g
-    PSP              h = Encoder([Z ‖ r ‖ c]),  features = LN(h_c)      c: the client's private CLS token
+    ECA              K = [s ; S_g],  Z = softmax((r W_q)(K W_k)ᵀ / √d) (K W_v)    queries r, keys/values K
+    PSP              h = Encoder([Z ‖ r ‖ g ‖ c]),  features = LN(h_c)  c: the client's private CLS token
     loss             L = L_task(head(features), y) + λ · ‖s − mean(S_g)‖²        (SPAlign)
+
+The query token s is itself among ECA's keys and values (our choice where the paper is silent):
+retrieval is a hard top-k, which passes no gradient, so with S_g alone the task loss would never
+reach the spectral tokenizer and SPAlign, its only signal, is minimised by mapping every image to
+one constant token. With s in K the task loss trains the tokenizer and retrieval stays the paper's
+hard top-k, in training and at inference alike.
 
     client sends:    Δ of the shared parameters (everything but c and the task heads, as FedPer),
                      summaries of its spectral tokens — k-means centroids per dataset (modality),
@@ -24,8 +32,8 @@ Client k, image x, backbone spatial tokens r = lift(body(x)) ∈ R^{N×d} (the b
 As FedPer, there is no global model (c and the heads are private): OmniFM is evaluated through each
 client's personalised model. The heads are those of every other method, so the same mechanism serves
 classification, super-resolution and VQA. Ablations: ``use_gskr=false`` (no knowledge base: the
-image's own spectral token is ECA's only key, and SPAlign vanishes), ``use_eca=false`` (no Z in the
-sequence), ``use_psp_suffix=false`` (no private c: the features are the mean of the encoder's
+image's own spectral token s is ECA's only key, and SPAlign vanishes), ``use_eca=false`` (no Z in the
+sequence, so s reaches nothing but SPAlign), ``use_psp_suffix=false`` (no private c: the features are the mean of the encoder's
 outputs), ``lam=0`` (no SPAlign).
 """
 
@@ -113,7 +121,7 @@ def retrieve(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
 class Encoding(NamedTuple):
     features: torch.Tensor  # B×d, what the heads read
     token: torch.Tensor  # s, B×d_s
-    prototypes: torch.Tensor  # S_g, B×k×d_s (the image's own token when nothing is retrieved)
+    prototypes: torch.Tensor | None  # S_g, B×k×d_s, or None when nothing is retrieved
     retrieved: torch.Tensor | None  # bank indices B×k, or None
 
 
@@ -130,11 +138,11 @@ class PromptEncoder(nn.Module):
 class OmniFMModel(FedModel):
     def __init__(self, backbone: Backbone, tasks: dict[str, TaskSpec], in_channels: int, p: OmniFMParams):
         image_size = max(t.image_size for t in tasks.values())
-        backbone.pool = nn.Identity()  # OmniFM reads the spatial tokens; the vector pooling would go unused
         super().__init__(backbone, p.width, tasks, in_channels)
         self.p = p
         self.spectral = SpectralToken(image_size, p.rho, p.token_dim)
         self.lift = nn.Linear(backbone.token_dim, p.width)
+        self.lift_pooled = nn.Linear(backbone.feature_dim, p.width)  # g: the backbone's own feature vector
         self.eca = nn.MultiheadAttention(p.width, p.num_heads, kdim=p.token_dim, vdim=p.token_dim, batch_first=True)
         self.psp = PromptEncoder(p.width, p.num_heads)
         self.bank: torch.Tensor | None = None  # the round's knowledge-base snapshot (not a parameter)
@@ -146,15 +154,18 @@ class OmniFMModel(FedModel):
     def encode(self, x: ModelInput) -> Encoding:
         images = images_of(x)
         token = self.spectral(images)
-        r = self.lift(self.backbone.tokens(images))
+        feature_map = self.backbone.body(images)
+        r = self.lift(feature_map.flatten(2).transpose(1, 2))
+        g = self.lift_pooled(self.backbone.pool(feature_map)).unsqueeze(1)
+        keys = token.unsqueeze(1)  # s itself: the task loss's path to the spectral tokenizer
+        retrieved = prototypes = None
         if self.p.use_gskr and self.bank is not None:
             retrieved = retrieve(token.detach(), self.bank, self.p.top_k)
             prototypes = self.bank[retrieved]
-        else:
-            retrieved, prototypes = None, token.detach().unsqueeze(1)
-        sequence = [r]
+            keys = torch.cat([keys, prototypes], dim=1)
+        sequence = [r, g]
         if self.p.use_eca:
-            z, _ = self.eca(r, prototypes, prototypes, need_weights=False)
+            z, _ = self.eca(r, keys, keys, need_weights=False)
             sequence.insert(0, z)
         if self.p.use_psp_suffix:
             sequence.append(self.psp.cls.expand(len(r), -1, -1))
@@ -312,8 +323,8 @@ class OmniFM(FedPer):
 
         def objective(flag: str, x: ModelInput, y: torch.Tensor) -> torch.Tensor:
             enc = model.encode(x)
-            loss = ctx.tasks[flag].loss(model.heads[flag](enc.features, x), y)
-            if enc.retrieved is not None:
+            loss = ctx.tasks[flag].loss(model.head(flag)(enc.features, x), y)
+            if enc.prototypes is not None:
                 hits.add_(torch.bincount(enc.retrieved.flatten(), minlength=bank_size))
                 if lam > 0:  # SPAlign: pull s towards the prototypes it retrieved
                     loss = loss + lam * (enc.token - enc.prototypes.mean(dim=1)).pow(2).sum(dim=1).mean()

@@ -96,18 +96,37 @@ def images_of(x: ModelInput) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
 
 
+SHARED_HEAD = "shared"  # heads.shared.*: the one head of model.head=shared
+
+
+def make_heads(tasks: dict[str, TaskSpec], feature_dim: int) -> nn.ModuleDict:
+    """One head per dataset, or the one head over the union of their classes (``model.head=shared``,
+    whose tasks carry ``union_classes``)."""
+    union = {t.union_classes for t in tasks.values()}
+    if union and 0 not in union:
+        return nn.ModuleDict({SHARED_HEAD: LinearHead(feature_dim, union.pop())})
+    return nn.ModuleDict({flag: make_head(t, feature_dim) for flag, t in tasks.items()})
+
+
 class FedModel(nn.Module):
     def __init__(self, backbone: Backbone, feature_dim: int, tasks: dict[str, TaskSpec], in_channels: int):
         super().__init__()
         self.in_channels = in_channels
         self.backbone = backbone
-        self.heads = nn.ModuleDict({flag: make_head(t, feature_dim) for flag, t in tasks.items()})
+        self.heads = make_heads(tasks, feature_dim)
+
+    def head_key(self, dataset: str) -> str:
+        """The name under ``heads`` of the head that serves ``dataset``."""
+        return SHARED_HEAD if SHARED_HEAD in self.heads else dataset
+
+    def head(self, dataset: str) -> nn.Module:
+        return self.heads[self.head_key(dataset)]
 
     def features(self, x: ModelInput) -> torch.Tensor:
         return self.backbone(images_of(x))
 
     def forward(self, x: ModelInput, dataset: str) -> torch.Tensor:
-        return self.heads[dataset](self.features(x), x)
+        return self.head(dataset)(self.features(x), x)
 
     def predict(self, x: ModelInput, dataset: str) -> torch.Tensor:
         """What evaluation scores (the outputs; the report model generates text here instead)."""
@@ -115,7 +134,7 @@ class FedModel(nn.Module):
 
     def state_keys(self, datasets: list[str]) -> list[str]:
         """State entries a client holding ``datasets`` trains: all but other datasets' heads."""
-        own = tuple(f"heads.{d}." for d in datasets)
+        own = tuple(f"heads.{self.head_key(d)}." for d in datasets)
         return [k for k in self.state_dict() if not k.startswith("heads.") or k.startswith(own)]
 
 
