@@ -100,7 +100,8 @@ def test_superresolution_federation_improves_on_bicubic(data_dir, tmp_path, ray_
 @needs_vqa
 def test_vqa_validation_is_carved_out_by_image(tmp_path):
     """VQA-RAD ships no validation split: a seeded share of its training questions, whole images at a
-    time, so no validation question shares an image with a question any client trains on."""
+    time, so no validation question shares an image with a question any client trains on; and the
+    clients are dealt whole images, so no client's held-out question shares one with a trained one."""
     cfg = load_config(
         None,
         [
@@ -122,6 +123,9 @@ def test_vqa_validation_is_carved_out_by_image(tmp_path):
         held = set().union(*(as_bytes(c.holdout[flag].images) for c in client_rows if flag in c.holdout))
         assert len(val) > 0 and trained
         assert not as_bytes(val.images) & (trained | held), flag  # no image on both sides
+        assert held and not held & trained, flag  # no held-out question asks about an image any client trains on
+        owners = [as_bytes(c.train[flag].images) | as_bytes(c.holdout[flag].images) | as_bytes(c.val[flag].images) for c in client_rows if flag in c.train]
+        assert sum(len(o) for o in owners) == len(set().union(*owners)), flag  # each image at one client only
         # The carve-out is questions, not rows lost: every training question is in val or with a client.
         total = sum(len(c.train[flag]) + len(c.val[flag]) + len(c.holdout[flag]) for c in client_rows if flag in c.train)
         assert total + len(val) == len(vqa_rad.load_split(vqa_rad.find_root(str(VQA_DIR)), flag, "train", 28)[0])
@@ -233,3 +237,22 @@ def test_shared_head_trains_the_union_softmax_and_an_other_datasets_class_is_wro
     assert retina.metrics(scores, y.numpy())["acc"] == pytest.approx(right)
     with pytest.raises(ConfigError, match="model.head=shared needs single-label"):
         shared_label_space({"chestmnist": TaskSpec.from_medmnist("chestmnist")})
+
+
+@pytest.mark.parametrize("model_name, strategy", [("cnn", "fedavg"), ("resnet18", "fedavg"), ("cnn", "omnifm")])
+def test_superresolution_decoder_reads_the_feature_map_and_returns_the_target_shape(data_dir, tmp_path, model_name, strategy):
+    from raymed.methods import build_method
+    from raymed.models import SuperResolutionHead
+
+    cfg = small_config(data_dir, tmp_path, "data.task=superresolution", f"model.name={model_name}", f"strategy.name={strategy}")
+    shards = ShardSet(materialise(cfg))
+    model = build_method(strategy, cfg.strategy.params).build_model(cfg.model, shards.tasks, cfg.seed)
+    flag, task = next(iter(shards.tasks.items()))
+    split = shards.test(flag)
+    x, target = task.inputs(np.array(split.images[:4]), np.array(split.labels[:4]), model.in_channels, torch.device("cpu"))
+    head = model.head(flag)
+    assert isinstance(head, SuperResolutionHead) and any(isinstance(m, torch.nn.PixelShuffle) for m in head.decode)
+    assert model.feature_map(x).dim() == 4  # it decodes a spatial map, not one vector per image
+    out = model(x, flag)
+    assert out.shape == target.shape
+    torch.testing.assert_close(out, x[:, : task.channels])  # the last convolution starts at zero: the bicubic estimate

@@ -154,9 +154,17 @@ def partition(
     return _retry(draw_all, num_clients, min_examples, f"{scheme} split")
 
 
-def local_split(n: int, val_fraction: float, holdout_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def local_split(
+    n: int, val_fraction: float, holdout_fraction: float, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions of a client's local training, validation and held-out rows. A non-zero fraction
-    gets at least one row while the client keeps at least one to train on."""
+    gets at least one row while the client keeps at least one to train on. ``groups`` (a group id
+    per row, e.g. the image a VQA question asks about): whole groups go to one side, the fractions
+    counting groups."""
+    if groups is not None:
+        _, group = np.unique(groups, return_inverse=True)
+        parts = local_split(int(group.max()) + 1 if len(group) else 0, val_fraction, holdout_fraction, rng)
+        return tuple(np.flatnonzero(np.isin(group, part)) for part in parts)  # type: ignore[return-value]
     order = rng.permutation(n)
     n_hold = min(max(1, int(round(n * holdout_fraction))), n - 1) if n >= 2 and holdout_fraction > 0 else 0
     n_val = min(max(1, int(round(n * val_fraction))), n - n_hold - 1) if n - n_hold >= 2 and val_fraction > 0 else 0

@@ -42,7 +42,7 @@ from raymed.data.partition import local_split, partition
 from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
 
-FORMAT_VERSION = 5  # 5: validation splits (global and per client), normalisation statistics, the ordinal loss
+FORMAT_VERSION = 6  # 6: VQA questions partitioned and split by image; 5: validation splits (global and per client), normalisation statistics, the ordinal loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,12 +202,30 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def image_groups(images: np.ndarray) -> np.ndarray:
+    """One id per row, shared by the rows of identical images."""
+    _, group = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
+    return group.reshape(-1)
+
+
 def image_group_rows(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A seeded ``fraction`` of the rows, whole images at a time (VQA-RAD asks several questions of
     one image: rows carved out this way never share an image with the rows left)."""
-    _, group = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
+    group = image_groups(images)
     groups = rng.permutation(group.max() + 1)[: int(round(fraction * (group.max() + 1)))]
-    return np.flatnonzero(np.isin(group.reshape(-1), groups))
+    return np.flatnonzero(np.isin(group, groups))
+
+
+def partition_by_image(labels: dict[str, np.ndarray], groups: dict[str, np.ndarray], split) -> list[dict[str, np.ndarray]]:
+    """``split(labels)`` (a partitioner) applied to whole images for the datasets in ``groups``: each
+    image's first row stands for it, and a client gets every row of the images it is dealt."""
+    first = {flag: np.unique(g, return_index=True)[1] for flag, g in groups.items()}
+    clients = split({flag: y[first[flag]] if flag in groups else y for flag, y in labels.items()})
+    for rows_by_flag in clients:
+        for flag, dealt in rows_by_flag.items():
+            if flag in groups:
+                rows_by_flag[flag] = np.flatnonzero(np.isin(groups[flag], dealt))
+    return clients
 
 
 def default_cache_dir(cfg: ExperimentConfig) -> Path:
@@ -266,8 +284,12 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             if tasks[flag].normalisable:
                 mean, std = channel_statistics(x)
                 tasks[flag] = replace(tasks[flag], mean=mean, std=std)
-    clients = partition(
-        {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples
+    # VQA-RAD asks several questions of one image: an image's questions stay together, at one client
+    # and on one side of its local split, so no held-out question shares an image with a trained one.
+    groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].kind == "vqa"}
+    clients = partition_by_image(
+        {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, groups,
+        lambda labels: partition(labels, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples),
     )
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -282,7 +304,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             rows = rows_by_flag.get(flag)
             if rows is None:
                 continue
-            local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng)
+            local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng, groups[flag][rows] if flag in groups else None)
             order += [rows[local], rows[local_val], rows[held]]
             index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
             offset += len(rows)

@@ -56,7 +56,7 @@ from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
 from raymed.methods.fedavg import apply_mean_update
 from raymed.methods.fedper import FedPer, FedPerParams
-from raymed.models import Backbone, FedModel, build_backbone, images_of
+from raymed.models import Backbone, FedModel, build_backbone, images_of, reads_map
 from raymed.engine.checkpoint import checkpointable
 
 BANK_KEY = "gskr.bank"  # the knowledge-base snapshot in the broadcast
@@ -120,6 +120,7 @@ def retrieve(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
 
 class Encoding(NamedTuple):
     features: torch.Tensor  # B×d, what the heads read
+    feature_map: torch.Tensor  # B×d×g×g, the encoder's outputs at the spatial tokens (what a decoding head reads)
     token: torch.Tensor  # s, B×d_s
     prototypes: torch.Tensor | None  # S_g, B×k×d_s, or None when nothing is retrieved
     retrieved: torch.Tensor | None  # bank indices B×k, or None
@@ -138,7 +139,7 @@ class PromptEncoder(nn.Module):
 class OmniFMModel(FedModel):
     def __init__(self, backbone: Backbone, tasks: dict[str, TaskSpec], in_channels: int, p: OmniFMParams):
         image_size = max(t.image_size for t in tasks.values())
-        super().__init__(backbone, p.width, tasks, in_channels)
+        super().__init__(backbone, p.width, tasks, in_channels, map_channels=p.width)
         self.p = p
         self.spectral = SpectralToken(image_size, p.rho, p.token_dim)
         self.lift = nn.Linear(backbone.token_dim, p.width)
@@ -171,10 +172,15 @@ class OmniFMModel(FedModel):
             sequence.append(self.psp.cls.expand(len(r), -1, -1))
         h = self.psp.block(torch.cat(sequence, dim=1))
         features = self.psp.norm(h[:, -1] if self.p.use_psp_suffix else h.mean(dim=1))
-        return Encoding(features, token, prototypes, retrieved)
+        start = r.shape[1] if self.p.use_eca else 0  # [Z ‖ r ‖ g ‖ c]: r follows Z's N tokens
+        spatial = h[:, start : start + r.shape[1]].transpose(1, 2).reshape(len(h), -1, *feature_map.shape[2:])
+        return Encoding(features, spatial, token, prototypes, retrieved)
 
     def features(self, x: ModelInput) -> torch.Tensor:
         return self.encode(x).features
+
+    def feature_map(self, x: ModelInput) -> torch.Tensor:
+        return self.encode(x).feature_map
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,7 +329,7 @@ class OmniFM(FedPer):
 
         def objective(flag: str, x: ModelInput, y: torch.Tensor) -> torch.Tensor:
             enc = model.encode(x)
-            loss = ctx.tasks[flag].loss(model.head(flag)(enc.features, x), y)
+            loss = ctx.tasks[flag].loss(model.head(flag)(enc.feature_map if reads_map(model.head(flag)) else enc.features, x), y)
             if enc.prototypes is not None:
                 hits.add_(torch.bincount(enc.retrieved.flatten(), minlength=bank_size))
                 if lam > 0:  # SPAlign: pull s towards the prototypes it retrieved

@@ -8,9 +8,11 @@ methods such as FedPer select by these prefixes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raymed.data.tasks import ModelInput, TaskSpec
@@ -55,18 +57,37 @@ class LinearHead(nn.Linear):
         return super().forward(features)
 
 
-class SuperResolutionHead(nn.Linear):
-    """Full-size image = enlarged low-resolution input + a residual decoded from the features."""
+class SuperResolutionHead(nn.Module):
+    """Full-size image = enlarged low-resolution input + a residual decoded from the spatial feature
+    map (B×C×g×g): a 3×3 convolution, then sub-pixel steps (a 3×3 convolution to 4× the channels and
+    PixelShuffle ×2; Shi et al., CVPR 2016) until the map reaches the image size (a bilinear resize
+    where it overshoots), then a 3×3 convolution to the image's channels. That last convolution starts
+    at zero, so training starts from the bicubic estimate. It reads where the features are, not one
+    vector per image: a linear map from a pooled vector to every pixel is a bottleneck, not a decoder."""
 
-    def __init__(self, feature_dim: int, task: TaskSpec):
-        super().__init__(feature_dim, task.num_outputs)
-        self.shape = (task.channels,) + (task.image_size,) * task.spatial_dims
-        nn.init.zeros_(self.weight)  # start at the bicubic estimate
-        nn.init.zeros_(self.bias)
+    reads_map = True  # the model hands it the feature map, not the pooled features
 
-    def forward(self, features: torch.Tensor, x: ModelInput | None = None) -> torch.Tensor:
-        residual = super().forward(features).view(len(features), *self.shape)
-        return x[:, : self.shape[0]] + residual
+    def __init__(self, map_channels: int, grid: int, task: TaskSpec, width: int = 32):
+        super().__init__()
+        self.size, self.channels = task.image_size, task.channels
+        layers: list[nn.Module] = [nn.Conv2d(map_channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(max(0, math.ceil(math.log2(self.size / grid)))):
+            layers += [nn.Conv2d(width, 4 * width, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(inplace=True)]
+        self.decode = nn.Sequential(*layers)
+        self.out = nn.Conv2d(width, self.channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feature_map: torch.Tensor, x: ModelInput | None = None) -> torch.Tensor:
+        h = self.decode(feature_map)
+        if h.shape[-1] != self.size:
+            h = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return images_of(x)[:, : self.channels] + self.out(h)
+
+
+def reads_map(head: nn.Module) -> bool:
+    """Whether ``head`` decodes the spatial feature map (super-resolution) rather than the pooled features."""
+    return getattr(head, "reads_map", False)
 
 
 class VQAHead(nn.Module):
@@ -84,9 +105,13 @@ class VQAHead(nn.Module):
         return self.mlp(torch.cat([features, words], dim=1))
 
 
-def make_head(task: TaskSpec, feature_dim: int) -> nn.Module:
+def make_head(task: TaskSpec, feature_dim: int, map_shape: tuple[int, int] | None = None) -> nn.Module:
+    """The head of ``task`` over ``feature_dim`` features, or (super-resolution) over the feature map
+    of ``map_shape`` (channels, grid side)."""
     if task.kind == "superres":
-        return SuperResolutionHead(feature_dim, task)
+        if map_shape is None:
+            raise ValueError("a super-resolution head needs the feature map's shape")
+        return SuperResolutionHead(*map_shape, task)
     if task.kind == "vqa":
         return VQAHead(feature_dim, task)
     return LinearHead(feature_dim, task.num_outputs)
@@ -99,21 +124,36 @@ def images_of(x: ModelInput) -> torch.Tensor:
 SHARED_HEAD = "shared"  # heads.shared.*: the one head of model.head=shared
 
 
-def make_heads(tasks: dict[str, TaskSpec], feature_dim: int) -> nn.ModuleDict:
+def make_heads(tasks: dict[str, TaskSpec], feature_dim: int, map_shape: tuple[int, int] | None = None) -> nn.ModuleDict:
     """One head per dataset, or the one head over the union of their classes (``model.head=shared``,
     whose tasks carry ``union_classes``)."""
     union = {t.union_classes for t in tasks.values()}
     if union and 0 not in union:
         return nn.ModuleDict({SHARED_HEAD: LinearHead(feature_dim, union.pop())})
-    return nn.ModuleDict({flag: make_head(t, feature_dim) for flag, t in tasks.items()})
+    return nn.ModuleDict({flag: make_head(t, feature_dim, map_shape) for flag, t in tasks.items()})
+
+
+@torch.no_grad()
+def feature_grid(backbone: Backbone, in_channels: int, image_size: int) -> int:
+    """The side of the backbone's feature map for square images of ``image_size``."""
+    training = backbone.training
+    backbone.eval()  # no batch-norm statistics move
+    side = backbone.body(torch.zeros(1, in_channels, image_size, image_size)).shape[-1]
+    backbone.train(training)
+    return int(side)
 
 
 class FedModel(nn.Module):
-    def __init__(self, backbone: Backbone, feature_dim: int, tasks: dict[str, TaskSpec], in_channels: int):
+    def __init__(self, backbone: Backbone, feature_dim: int, tasks: dict[str, TaskSpec], in_channels: int, map_channels: int | None = None):
+        """``map_channels``: the channels of :meth:`feature_map` (the backbone's token width unless a
+        subclass maps it elsewhere)."""
         super().__init__()
         self.in_channels = in_channels
         self.backbone = backbone
-        self.heads = make_heads(tasks, feature_dim)
+        map_shape = None
+        if sizes := {t.image_size for t in tasks.values() if t.kind == "superres"}:
+            map_shape = (map_channels or backbone.token_dim, feature_grid(backbone, in_channels, max(sizes)))
+        self.heads = make_heads(tasks, feature_dim, map_shape)
 
     def head_key(self, dataset: str) -> str:
         """The name under ``heads`` of the head that serves ``dataset``."""
@@ -125,8 +165,13 @@ class FedModel(nn.Module):
     def features(self, x: ModelInput) -> torch.Tensor:
         return self.backbone(images_of(x))
 
+    def feature_map(self, x: ModelInput) -> torch.Tensor:
+        """The spatial features (B×C×g×g) a decoding head reads."""
+        return self.backbone.body(images_of(x))
+
     def forward(self, x: ModelInput, dataset: str) -> torch.Tensor:
-        return self.head(dataset)(self.features(x), x)
+        head = self.head(dataset)
+        return head(self.feature_map(x) if reads_map(head) else self.features(x), x)
 
     def predict(self, x: ModelInput, dataset: str) -> torch.Tensor:
         """What evaluation scores (the outputs; the report model generates text here instead)."""
