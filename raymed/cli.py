@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from raymed.errors import ConfigError, DataError, RaymedError, find_user_error
+from raymed.provenance import version_string
 
 console = Console(stderr=False)
 DEFAULT_COMPARISON = ("fedavg", "fedper")
@@ -21,6 +22,7 @@ DEFAULT_COMPARISON = ("fedavg", "fedper")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raymed", description="Simulate federated learning of medical models on Ray.")
+    p.add_argument("--version", action="version", version=version_string(), help="raymed's version and, from a checkout, its git commit")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federation (no CONFIG: the embedded default, FedAvg vs FedPer)")

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import raymed as raymed_package
+from raymed import __version__ as raymed_version
 from tests.conftest import small_config
 
 
@@ -72,8 +75,14 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     assert rounds["round"].tolist() == [1, 2]
     assert (rounds["comm/bytes_up"] > 0).all() and rounds["personal/client_mean/acc"].between(0, 1).all()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-    assert len(pq.read_table(run_dir / "evaluation").to_pandas()) >= 6  # every client, personalised
+    assert len(pq.read_table(run_dir / "evaluation").to_pandas()) >= 6  # each client sampled so far, val and held-out rows
     assert "selected on validation" in proc.stdout
+    meta = json.loads((run_dir / "meta.json").read_text())  # where the result came from
+    assert meta["provenance"]["raymed"] == raymed_version and meta["provenance"]["command"].startswith("raymed run ")
+    if (Path(raymed_package.__file__).parents[1] / ".git").exists():
+        assert len(meta["provenance"]["git_commit"]) == 40
+    for flag, split in meta["splits"].items():
+        assert sum(split["class_counts"]["train"]) == split["num_train"] and sum(split["class_counts"]["test"]) == split["num_test"], flag
 
     report = raymed("report", str(run_dir), "--out", str(tmp_path / "r.png"))
     assert report.returncode == 0 and (tmp_path / "r.png").stat().st_size > 10_000
@@ -127,3 +136,10 @@ def test_data_check_and_synth(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "breastmnist.npz").is_file()
     check = raymed("data", "check", "--root", str(tmp_path), env_extra={"COLUMNS": "200"})
     assert check.returncode == 0 and "synthetic" in check.stdout and "breastmnist" in check.stdout
+
+
+def test_version_names_the_release_and_the_commit():
+    proc = raymed("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"raymed {raymed_version}")
+    if (Path(raymed_package.__file__).parents[1] / ".git").exists():
+        assert "(git " in proc.stdout

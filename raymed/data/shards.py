@@ -202,6 +202,14 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def class_counts(task: TaskSpec, labels: np.ndarray) -> list[int]:
+    """Rows per class (multi-label: rows with each label), for the provenance in meta.json."""
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    if task.kind == "multilabel":
+        return [int(v) for v in labels.sum(axis=0)]
+    return [int(v) for v in np.bincount(labels[:, 0].astype(np.int64), minlength=task.num_classes)]
+
+
 def image_groups(images: np.ndarray) -> np.ndarray:
     """One id per row, shared by the rows of identical images."""
     _, group = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
@@ -332,6 +340,8 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             "md5": f.md5,
             "synthetic": f.synthetic,
             "task": asdict(tasks[f.flag]),
+            "class_counts": {name: class_counts(tasks[f.flag], split[f.flag][1]) for name, split in (("train", train), ("val", val), ("test", test))
+                             if f.flag in split and tasks[f.flag].kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")},
         }
 
     meta = {

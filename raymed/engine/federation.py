@@ -65,7 +65,7 @@ class Federation:
             "synthetic": any(f.synthetic for f in files),
             "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
             "shards": str(shard_dir),
-            "splits": {flag: {k: info.get(k) for k in ("num_train", "num_val", "val_source", "num_test")} for flag, info in shards.meta["datasets"].items()},
+            "splits": {flag: {k: info.get(k) for k in ("num_train", "num_val", "val_source", "num_test", "class_counts")} for flag, info in shards.meta["datasets"].items()},
             "reproducibility": determinism(cfg),
             "baselines": self.baselines,
             "baseline_metrics": self.baseline_metrics,

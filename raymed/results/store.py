@@ -3,7 +3,9 @@
 ::
 
     config.yaml              the resolved config (every default filled in); rerunnable as is
-    meta.json                data files and md5s, synthetic flag, shard set, workers, versions
+    meta.json                data files and md5s, synthetic flag, shard set, workers, versions, and
+                             provenance: raymed's version, the git commit (and whether it had
+                             uncommitted changes), the command line
     rounds.parquet           one row per round (rewritten atomically after every round)
     clients/round-NNNN.parquet      per-client training records of round NNNN
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
@@ -38,6 +40,7 @@ import pyarrow.parquet as pq
 
 from raymed.config import ExperimentConfig, safe_yaml, save_config
 from raymed.errors import ConfigError
+from raymed.provenance import provenance
 from raymed.files import atomic_path, atomic_write
 
 
@@ -154,6 +157,7 @@ class RunWriter:
             "run_id": uuid.uuid4().hex,  # the checkpoint carries it: a resume refuses another run's checkpoint
             "started": datetime.now().isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__},
+            "provenance": provenance(),
         }
         _atomic_json(self.meta, folder / "meta.json")
 
