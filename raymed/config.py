@@ -30,6 +30,10 @@ class DataConfig(Section):
     root: str | None = None
     size: Literal[28, 64, 128, 224] = 28
     download: bool = False
+    # MedMNIST files whose md5 is not the release's (a subset, a re-split, your own export in its layout):
+    # official refuses them; warn uses them, saying so; off uses them silently. Either way meta.json
+    # records each file's md5 and whether it is the official release.
+    verify: Literal["official", "warn", "off"] = "official"
     # classification: each dataset's own task (VQA-RAD: answer classification);
     # superresolution: ×sr_scale super-resolution of the MedMNIST images (PSNR/SSIM);
     # report: report generation (pneumoniamnist = MedMNIST-Reports, r2gen = an R2Gen-format folder).

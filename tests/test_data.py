@@ -112,3 +112,35 @@ def test_task_metrics_against_hand_computation():
     assert m["acc"] == pytest.approx(4 / 6)
     single_class = binary.metrics(np.array([[0.3, 0.7], [0.4, 0.6]]), np.array([[1], [1]]))
     assert np.isnan(single_class["auc"])  # undefined, not invented
+
+
+def test_an_unofficial_medmnist_layout_file_is_refused_or_used_as_data_verify_says(data_dir, tmp_path, ray_session):
+    """A subset of the release (a hospital's own export, a re-split) is not the official file: refused
+    under data.verify=official with a line naming the setting, used under warn/off, and its true md5
+    and unofficial flag recorded in meta.json."""
+    import json
+
+    from raymed.engine import run_experiment
+    from raymed.errors import find_user_error
+
+    own = tmp_path / "own"
+    own.mkdir()
+    with np.load(data_dir / "breastmnist.npz") as npz:
+        subset = {k: v[: 120 if k.startswith("train") else 40] for k, v in npz.items()}
+    np.savez_compressed(own / "breastmnist.npz", **subset)
+    with pytest.raises(DataError, match="data.verify=warn"):
+        verify(own / "breastmnist.npz", "breastmnist")
+    if (data_dir / "breastmnist.npz").exists() and not locate("breastmnist", root=str(data_dir)).synthetic:
+        assert verify(data_dir / "breastmnist.npz", "breastmnist", mode="warn").official  # the release stays official
+    unofficial = verify(own / "breastmnist.npz", "breastmnist", mode="off")
+    assert not unofficial.official and not unofficial.synthetic
+
+    cfg = small_config(own, tmp_path, "data.datasets=[breastmnist]", "data.verify=warn", "rounds=1", "clients.num=3", "eval.personalised=false")
+    run_dir = run_experiment(cfg)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    record = meta["data_files"]["breastmnist"]
+    assert record["official"] is False and record["md5"] == unofficial.md5 != medmnist.INFO["breastmnist"]["MD5"]
+    assert meta["splits"]["breastmnist"]["num_test"] == 40
+    with pytest.raises(Exception) as info:
+        run_experiment(small_config(own, tmp_path / "strict", "data.datasets=[breastmnist]", "rounds=1", "clients.num=3"))
+    assert "data.verify=warn" in str(find_user_error(info.value) or info.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from raymed.errors import DataError
+
+logger = logging.getLogger("raymed")
 
 SYNTHETIC_MARKER = "raymed_synthetic"
 SPLITS = ("train", "val", "test")
@@ -74,6 +77,7 @@ class DatasetFile:
     path: Path
     md5: str
     synthetic: bool
+    official: bool = True  # False: a MedMNIST-layout file whose md5 is not the release's, accepted by data.verify
 
 
 def _md5_cache_path() -> Path:
@@ -106,18 +110,33 @@ def file_md5(path: Path) -> str:
     return cache[key]
 
 
-def verify(path: Path, flag: str, size: int = 28) -> DatasetFile:
-    """Accept a file whose md5 matches MedMNIST's, or a raymed synthetic stand-in; refuse anything else."""
+def verify(path: Path, flag: str, size: int = 28, mode: str = "official") -> DatasetFile:
+    """Accept a file whose md5 matches MedMNIST's, or a raymed synthetic stand-in. Any other file
+    (a subset, a re-split, a hospital's own export in MedMNIST's layout) is refused under
+    ``data.verify: official``, and accepted as unofficial under ``warn`` (saying so) or ``off``, once
+    it opens as an npz with every split's images and labels. Its true md5 is recorded either way."""
     md5 = file_md5(path)
     want = expected_md5(flag, size)
     if md5 == want:
         return DatasetFile(flag, size, path, md5, synthetic=False)
+    keys: list[str] = []
     try:
         with np.load(path) as npz:
-            if SYNTHETIC_MARKER in npz.files and all(f"{s}_images" in npz.files for s in SPLITS):
-                return DatasetFile(flag, size, path, md5, synthetic=True)
+            keys = list(npz.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         pass
+    if SYNTHETIC_MARKER in keys and all(f"{s}_images" in keys for s in SPLITS):
+        return DatasetFile(flag, size, path, md5, synthetic=True)
+    layout = all(f"{s}_{kind}" in keys for s in SPLITS for kind in ("images", "labels"))
+    if mode != "official" and layout:
+        if mode == "warn":
+            logger.warning("%s is not the MedMNIST release (md5 %s, expected %s); used as data.verify=warn allows, recorded as unofficial", path, md5, want)
+        return DatasetFile(flag, size, path, md5, synthetic=False, official=False)
+    if layout:
+        raise DataError(
+            f"{path} is not the MedMNIST release (md5 {md5}, expected {want}); if it is your own file in MedMNIST's "
+            f"layout, set data.verify=warn to use it (recorded as unofficial), else download the release from {download_url(flag, size)}"
+        )
     raise DataError(
         f"{path} is corrupt or not the MedMNIST release (md5 {md5}, expected {want}); delete it and "
         f"download it again from {download_url(flag, size)} (or set data.download=true)"
@@ -132,12 +151,12 @@ def find_file(flag: str, size: int = 28, root: str | None = None) -> Path | None
     return None
 
 
-def locate(flag: str, size: int = 28, root: str | None = None, download: bool = False) -> DatasetFile:
+def locate(flag: str, size: int = 28, root: str | None = None, download: bool = False, verify_mode: str = "official") -> DatasetFile:
     name = file_name(flag, size)
     dirs = search_dirs(root)
     found = find_file(flag, size, root)
     if found is not None:
-        return verify(found, flag, size)
+        return verify(found, flag, size, verify_mode)
     if download:
         return _download(flag, size, dirs[0])
     looked = ", ".join(str(d) for d in dirs)

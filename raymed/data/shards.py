@@ -58,7 +58,7 @@ def locate_sources(d: DataConfig) -> list[DatasetFile]:
         elif flag == "r2gen":
             files.append(reports.locate_r2gen(d.size, d.report_root))
         else:
-            files.append(medmnist_files.locate(flag, d.size, d.root, d.download))
+            files.append(medmnist_files.locate(flag, d.size, d.root, d.download, d.verify))
     if d.task == "report" and "pneumoniamnist" in d.datasets:
         reports.find_root(d.report_root, "indiana_reports.csv")  # the report text must be there too
     return files

@@ -63,7 +63,7 @@ class Federation:
         # Only now, with data and resources known to be there, does the run get a folder.
         meta = {
             "synthetic": any(f.synthetic for f in files),
-            "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic} for f in files},
+            "data_files": {f.flag: {"path": str(f.path), "md5": f.md5, "synthetic": f.synthetic, "official": f.official} for f in files},
             "shards": str(shard_dir),
             "splits": {flag: {k: info.get(k) for k in ("num_train", "num_val", "val_source", "num_test", "class_counts")} for flag, info in shards.meta["datasets"].items()},
             "reproducibility": determinism(cfg),
