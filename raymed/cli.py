@@ -99,6 +99,10 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
             done = info.get("resumed_from_round", 0)
             again = f", resumed after round {done}" if done else ""
             progress.console.print(f"{info['run_dir']}: {info['num_workers']} client workers on {nodes} node(s){dash}{again}{note}")
+            for flag, d in (info.get("data") or {}).items():
+                kind = "synthetic" if d["synthetic"] else "official release" if d["official"] else "not the official release"
+                rows = "/".join(str(d.get(k, "?")) for k in ("num_train", "num_val", "num_test"))
+                progress.console.print(f"  data {flag}: {d['path']} (md5 {d['md5'][:8]}, {kind}), {rows} train/val/test rows", highlight=False)
             ports = {k: v for k, v in (info.get("ports") or {}).items() if v}
             if ports:
                 progress.console.print("ray ports: " + ", ".join(f"{k} {v}" for k, v in ports.items()), highlight=False)

@@ -26,6 +26,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    # Your own data: {name: path} of MedMNIST-layout .npz files (train/val/test _images and _labels),
+    # each usable in datasets under its name; task and classes from the labels, size and channels
+    # from the images. A MedMNIST flag as the name is checked against the release as data.verify says.
+    files: dict[str, str] = Field(default_factory=dict)
     datasets: list[str] = Field(default_factory=lambda: ["pneumoniamnist", "breastmnist", "retinamnist"])
     root: str | None = None
     size: Literal[28, 64, 128, 224] = 28
@@ -85,8 +89,9 @@ class DataConfig(Section):
             raise ValueError("needs at least one MedMNIST flag")
         from raymed.data.vqa_rad import ORGANS
 
+        own = info.data.get("files") or {}
         for flag in flags:
-            known = [*INFO, *ORGANS, "r2gen"]
+            known = [*INFO, *ORGANS, "r2gen", *own]
             if flag not in known:
                 close = difflib.get_close_matches(flag, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""

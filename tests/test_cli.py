@@ -77,6 +77,7 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert len(pq.read_table(run_dir / "evaluation").to_pandas()) >= 6  # each client sampled so far, val and held-out rows
     assert "selected on validation" in proc.stdout
+    assert "data breastmnist: " in proc.stdout and "train/val/test rows" in proc.stdout  # the data summary at start
     meta = json.loads((run_dir / "meta.json").read_text())  # where the result came from
     assert meta["provenance"]["raymed"] == raymed_version and meta["provenance"]["command"].startswith("raymed run ")
     if (Path(raymed_package.__file__).parents[1] / ".git").exists():
@@ -143,3 +144,16 @@ def test_version_names_the_release_and_the_commit():
     assert proc.returncode == 0 and proc.stdout.startswith(f"raymed {raymed_version}")
     if (Path(raymed_package.__file__).parents[1] / ".git").exists():
         assert "(git " in proc.stdout
+
+
+def test_own_data_errors_are_one_line_and_write_nothing(data_dir, tmp_path):
+    import numpy as np
+
+    broken = tmp_path / "mine.npz"
+    np.savez(broken, train_images=np.zeros((4, 28, 28), np.uint8))
+    cfg = small_config(data_dir, tmp_path).to_dict()
+    cfg["data"].update(files={"mine": str(broken)}, datasets=["mine"])
+    _assert_one_line_error(raymed("run", _write_config(tmp_path, cfg)), "data error", str(broken), "no key train_labels")
+    cfg["data"]["files"] = {"mine": str(tmp_path / "absent.npz")}
+    _assert_one_line_error(raymed("run", _write_config(tmp_path, cfg)), "data.files.mine", "does not exist")
+    assert not (tmp_path / "results").exists()

@@ -1,4 +1,6 @@
 
+import hashlib
+
 import medmnist
 import numpy as np
 import pytest
@@ -144,3 +146,50 @@ def test_an_unofficial_medmnist_layout_file_is_refused_or_used_as_data_verify_sa
     with pytest.raises(Exception) as info:
         run_experiment(small_config(own, tmp_path / "strict", "data.datasets=[breastmnist]", "rounds=1", "clients.num=3"))
     assert "data.verify=warn" in str(find_user_error(info.value) or info.value)
+
+
+def _own_npz(path, data_dir, classes: int = 9, **change):
+    """A 9-class RGB file in MedMNIST's layout that no release has: RetinaMNIST's images, new labels."""
+    with np.load(data_dir / "retinamnist.npz") as npz:
+        arrays = {k: v[: 90 if k.startswith("train") else 45] for k, v in npz.items() if k.endswith(("_images", "_labels"))}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_labels"] = (np.arange(len(arrays[f"{split}_images"])) % classes).reshape(-1, 1)
+    arrays.update(change)
+    np.savez_compressed(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_own_npz_under_a_name_of_ones_choosing_runs_and_is_recorded(data_dir, tmp_path, ray_session):
+    import json
+
+    from raymed.data.own_files import read_npz
+    from raymed.engine import run_experiment
+
+    path = _own_npz(tmp_path / "our_pathology.npz", data_dir)
+    cfg = small_config(data_dir, tmp_path, "data.files={hospital_path: " + str(path) + "}", "data.datasets=[hospital_path, breastmnist]",
+                       "data.verify=warn", "rounds=1", "clients.num=4", "eval.personalised=false")
+    shards = ShardSet(materialise(cfg))
+    task = shards.tasks["hospital_path"]
+    assert (task.kind, task.num_classes, task.channels, task.image_size) == ("multiclass", 9, 3, 28)
+    run_dir = run_experiment(cfg)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    record = meta["data_files"]["hospital_path"]
+    assert record["md5"] == hashlib.md5(path.read_bytes()).hexdigest() and record["official"] is False
+    assert meta["splits"]["hospital_path"]["class_counts"]["test"] == [5] * 9
+    assert meta["data_files"]["breastmnist"]["official"] or meta["synthetic"]
+
+    bad = {
+        "no key val_labels": dict(val_labels=None),
+        "class labels must be integers": dict(train_labels=np.full((90, 1), 1.5)),
+        "holds -1": dict(test_labels=-np.ones((45, 1), np.int64)),
+        "store images as uint8": dict(train_images=np.zeros((90, 28, 28, 3), np.float32)),
+        "differ in size": dict(val_images=np.zeros((45, 32, 32, 3), np.uint8)),
+        "test_images is empty": dict(test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.int64)),
+    }
+    for needle, change in bad.items():
+        broken = _own_npz(tmp_path / f"bad-{len(needle)}.npz", data_dir, **change)
+        with pytest.raises(DataError, match=needle) as info:
+            read_npz(broken)
+        assert str(broken) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DataError, match="does not exist"):
+        materialise(small_config(data_dir, tmp_path / "absent", "data.files={mine: /nowhere/mine.npz}", "data.datasets=[mine]"))

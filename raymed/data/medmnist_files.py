@@ -16,12 +16,17 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raymed.data.sources import DatasetFile, Source, register_source
 from raymed.errors import DataError
+
+if TYPE_CHECKING:
+    from raymed.config import DataConfig, ExperimentConfig
+    from raymed.data.tasks import TaskSpec
 
 logger = logging.getLogger("raymed")
 
@@ -70,14 +75,6 @@ def side_data_dirs(given: str | None, env_var: str, sibling: str) -> list[Path]:
     return [Path(c).expanduser() for c in candidates if c]
 
 
-@dataclass(frozen=True)
-class DatasetFile:
-    flag: str
-    size: int
-    path: Path
-    md5: str
-    synthetic: bool
-    official: bool = True  # False: a MedMNIST-layout file whose md5 is not the release's, accepted by data.verify
 
 
 def _md5_cache_path() -> Path:
@@ -195,6 +192,30 @@ def load_split(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{file.path}: {split} split has {images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels.reshape(labels.shape[0], -1)
+
+
+@register_source
+class MedMNISTRelease(Source):
+    """The MedMNIST files, found and md5-checked as above; any flag no other source claims."""
+
+    name = "medmnist"
+    priority = 100
+
+    def claims(self, flag: str, d: DataConfig) -> bool:
+        return True
+
+    def locate(self, flag: str, d: DataConfig) -> DatasetFile:
+        return locate(flag, d.size, d.root, d.download, d.verify)
+
+    def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return load_split(file, split)
+
+    def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
+        from dataclasses import replace
+
+        from raymed.data.tasks import TaskSpec
+
+        return replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size, ordinal_loss=cfg.task.ordinal_loss)
 
 
 def locate_all(flags: list[str], size: int = 28, root: str | None = None, download: bool = False) -> list[DatasetFile]:

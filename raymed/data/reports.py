@@ -34,11 +34,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raymed.data.medmnist_files import DatasetFile, side_data_dirs
+from raymed.data.medmnist_files import side_data_dirs
+from raymed.data.sources import DatasetFile, Source, register_source
 from raymed.errors import DataError
+
+if TYPE_CHECKING:
+    from raymed.config import DataConfig, ExperimentConfig
+    from raymed.data.tasks import TaskSpec
 
 REPORT_DATASETS = ("pneumoniamnist", "r2gen")
 CLASS_NAMES = {"pneumoniamnist": ("normal", "pneumonia"), "r2gen": ("normal", "abnormal")}
@@ -99,7 +105,7 @@ def locate_r2gen(size: int, root: str | None) -> DatasetFile:
     folder = find_root(root, "annotation.json")
     if not (folder / "images").is_dir():
         raise DataError(f"{folder} has annotation.json but no images/ folder; put the dataset's images there (R2Gen layout)")
-    return DatasetFile("r2gen", size, folder, md5(folder / "annotation.json"), synthetic=False)
+    return DatasetFile("r2gen", size, folder, md5(folder / "annotation.json"), synthetic=False, source=R2Gen.name)
 
 
 def corpus_fingerprint(root: str | None) -> str:
@@ -297,3 +303,30 @@ def decode(tokenizer, ids: np.ndarray) -> list[str]:
 def prompt_texts(flag: str) -> list[str]:
     """The diagnosis-driven prompt of each class (FedMRG): words the tokenizer must know."""
     return [f"diagnosis {name} ." for name in CLASS_NAMES[flag]]
+
+
+@register_source
+class R2Gen(Source):
+    """An R2Gen-format folder (annotation.json + images/): chest X-rays with reports. Labels are
+    [diagnosis, study index]; the report text is attached when the shards are written."""
+
+    name = "r2gen"
+    priority = 10
+
+    def claims(self, flag: str, d: DataConfig) -> bool:
+        return flag == "r2gen"
+
+    def locate(self, flag: str, d: DataConfig) -> DatasetFile:
+        return locate_r2gen(d.size, d.report_root)
+
+    def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+        images, diagnosis, _ = load_r2gen(file.path, split, file.size)
+        return images, np.column_stack([diagnosis[:, 0], np.arange(len(images))])
+
+    def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
+        from raymed.data.tasks import TaskSpec
+
+        return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
+
+    def has_val_split(self, file: DatasetFile) -> bool:
+        return bool(r2gen_annotation(file.path).get("val"))

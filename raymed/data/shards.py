@@ -36,9 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymed.config import DataConfig, ExperimentConfig
-from raymed.data import medmnist_files, reports, vqa_rad
-from raymed.data.medmnist_files import DatasetFile
+from raymed.data import reports
 from raymed.data.partition import local_split, partition
+from raymed.data.sources import DatasetFile, source_of, source_of_file
 from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
 
@@ -46,19 +46,12 @@ FORMAT_VERSION = 6  # 6: VQA questions partitioned and split by image; 5: valida
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sources: MedMNIST files, or VQA-RAD's organs
+# Sources (raymed.data.sources: MedMNIST files, VQA-RAD's organs, R2Gen, the user's own files)
 
 
 def locate_sources(d: DataConfig) -> list[DatasetFile]:
     """Find (and check) every dataset of ``data.datasets``; a one-line DataError when one is missing."""
-    files = []
-    for flag in d.datasets + d.held_out:
-        if vqa_rad.is_vqa_flag(flag):
-            files.append(vqa_rad.locate(flag, d.size, d.vqa_root))
-        elif flag == "r2gen":
-            files.append(reports.locate_r2gen(d.size, d.report_root))
-        else:
-            files.append(medmnist_files.locate(flag, d.size, d.root, d.download, d.verify))
+    files = [source_of(flag, d).locate(flag, d) for flag in d.datasets + d.held_out]
     if d.task == "report" and "pneumoniamnist" in d.datasets:
         reports.find_root(d.report_root, "indiana_reports.csv")  # the report text must be there too
     return files
@@ -66,35 +59,23 @@ def locate_sources(d: DataConfig) -> list[DatasetFile]:
 
 def has_val_split(file: DatasetFile) -> bool:
     """Whether the source ships a validation split of its own (VQA-RAD does not)."""
-    if vqa_rad.is_vqa_flag(file.flag):
-        return False
-    if file.flag == "r2gen":
-        return bool(reports.r2gen_annotation(file.path).get("val"))
-    return True
+    return source_of_file(file).has_val_split(file)
 
 
 def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one split (R2Gen: labels are [diagnosis, study index]; the text is attached later)."""
-    if vqa_rad.is_vqa_flag(file.flag):
-        return vqa_rad.load_split(file.path, file.flag, split, file.size)
-    if file.flag == "r2gen":
-        images, diagnosis, _ = reports.load_r2gen(file.path, split, file.size)
-        return images, np.column_stack([diagnosis[:, 0], np.arange(len(images))])
-    return medmnist_files.load_split(file, split)
+    return source_of_file(file).load(file, split)
 
 
 def source_task(file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-    """The task a run sets on a dataset: its own (classification, VQA), or super-resolution of its images
-    (report generation's task is made in :func:`_attach_reports`, once the tokenizer exists)."""
+    """The task a run sets on a dataset: its own (classification, VQA), its grade read as a prognosis,
+    or super-resolution of its images (report generation's task is made in :func:`_attach_reports`,
+    once the tokenizer exists)."""
     d = cfg.data
-    if vqa_rad.is_vqa_flag(file.flag):
-        return vqa_rad.task(file.flag, file.path, file.size)
-    if file.flag == "r2gen":
-        return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
-    task = replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size, ordinal_loss=cfg.task.ordinal_loss)
+    task = source_of_file(file).task(file, cfg)
     if file.flag in d.prognosis:
         return task.prognosis()
-    return task.super_resolution(d.sr_scale) if d.task == "superresolution" else task
+    return task.super_resolution(d.sr_scale) if d.task == "superresolution" and task.kind != "vqa" else task
 
 
 def channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

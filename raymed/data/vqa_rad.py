@@ -25,12 +25,17 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raymed.data.medmnist_files import DatasetFile, side_data_dirs
+from raymed.data.medmnist_files import side_data_dirs
+from raymed.data.sources import DatasetFile, Source, register_source
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
+
+if TYPE_CHECKING:
+    from raymed.config import DataConfig, ExperimentConfig
 
 ORGANS = {"vqarad_head": "HEAD", "vqarad_chest": "CHEST", "vqarad_abd": "ABD"}
 QUESTION_LEN = 20
@@ -74,7 +79,7 @@ def fingerprint(folder: Path) -> str:
 
 def locate(flag: str, size: int, root: str | None = None) -> DatasetFile:
     folder = find_root(root)
-    return DatasetFile(flag, size, folder, fingerprint(folder), synthetic=False)
+    return DatasetFile(flag, size, folder, fingerprint(folder), synthetic=False, source=VQARAD.name)
 
 
 def task(flag: str, folder: Path, size: int) -> TaskSpec:
@@ -154,3 +159,26 @@ def load_split(folder: Path, flag: str, split: str, size: int) -> tuple[np.ndarr
         dtype=np.int64,
     )
     return images, labels
+
+
+@register_source
+class VQARAD(Source):
+    """VQA-RAD's release, one dataset per imaged organ; no validation split of its own."""
+
+    name = "vqa_rad"
+    priority = 10
+
+    def claims(self, flag: str, d: DataConfig) -> bool:
+        return is_vqa_flag(flag)
+
+    def locate(self, flag: str, d: DataConfig) -> DatasetFile:
+        return locate(flag, d.size, d.vqa_root)
+
+    def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return load_split(file.path, file.flag, split, file.size)
+
+    def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
+        return task(file.flag, file.path, file.size)
+
+    def has_val_split(self, file: DatasetFile) -> bool:
+        return False

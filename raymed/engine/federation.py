@@ -114,8 +114,10 @@ class Federation:
         """Wait for the server and its workers; returns where they run."""
         described = ray.get(self.server.describe.remote())
         self.writer.add_meta(workers=described["workers"], dashboard=self.dashboard, **{k: described[k] for k in ("decoder",) if k in described})
+        meta = self.writer.meta
+        data = {flag: {**file, **meta["splits"].get(flag, {})} for flag, file in meta["data_files"].items()}
         self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard,
-                     "worker_plan": self.plan.rows() if self.plan else None, "ports": dict(PORTS), **described}
+                     "worker_plan": self.plan.rows() if self.plan else None, "ports": dict(PORTS), "data": data, **described}
         return self.info
 
     def step(self) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Data sources behind one interface, in one registry (timm-style).
+
+A source finds a dataset's file or folder (:meth:`Source.locate`), reads one split as uint8 images and
+integer labels (:meth:`Source.load`) and says what task the dataset is (:meth:`Source.task`).
+:mod:`raymed.data.shards` asks :func:`source_of` which source holds a dataset and knows no source
+itself; a new source is one module with one ``@register_source`` class, imported in
+:func:`registered`. The built-in ones, asked in this order:
+
+- ``files`` (:mod:`raymed.data.own_files`): the user's own MedMNIST-layout ``.npz`` under a name of
+  their choosing (``data.files``);
+- ``vqa_rad`` (:mod:`raymed.data.vqa_rad`): VQA-RAD's organs;
+- ``r2gen`` (:mod:`raymed.data.reports`): an R2Gen-format report folder;
+- ``medmnist`` (:mod:`raymed.data.medmnist_files`): the MedMNIST release, any other flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from raymed.config import DataConfig, ExperimentConfig
+    from raymed.data.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    flag: str
+    size: int
+    path: Path
+    md5: str
+    synthetic: bool
+    official: bool = True  # False: not the published release (data.verify allowed it, or the user's own file)
+    source: str = "medmnist"  # the registered source that reads it
+
+
+class Source:
+    """One kind of data: subclasses set ``name`` (and ``priority``: lower is asked first)."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 50
+
+    def claims(self, flag: str, d: DataConfig) -> bool:
+        """Whether dataset ``flag`` of this config is this source's."""
+        raise NotImplementedError
+
+    def locate(self, flag: str, d: DataConfig) -> DatasetFile:
+        """Find (and check) the dataset; a one-line DataError when it is missing or malformed."""
+        raise NotImplementedError
+
+    def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images (uint8: N×H×W, N×H×W×3 or N×D×H×W) and labels (N×L) of ``split`` (train, val, test)."""
+        raise NotImplementedError
+
+    def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
+        """The dataset's own task (classification, VQA, ...)."""
+        raise NotImplementedError
+
+    def has_val_split(self, file: DatasetFile) -> bool:
+        """Whether it ships a validation split (else one is carved out of its training rows)."""
+        return True
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    SOURCES[cls.name] = cls()
+    return cls
+
+
+def registered() -> list[Source]:
+    """Every source, in the order they are asked."""
+    from raymed.data import medmnist_files, own_files, reports, vqa_rad  # noqa: F401  (each registers its source)
+
+    return sorted(SOURCES.values(), key=lambda s: (s.priority, s.name))
+
+
+def source_of(flag: str, d: DataConfig) -> Source:
+    return next(s for s in registered() if s.claims(flag, d))
+
+
+def source_of_file(file: DatasetFile) -> Source:
+    registered()
+    return SOURCES[file.source]
