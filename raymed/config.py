@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from raymed.errors import ConfigError
 
-PartitionScheme = Literal["iid", "dirichlet", "client_dirichlet", "quantity", "modality"]
+PartitionScheme = Literal["iid", "dirichlet", "client_dirichlet", "quantity", "modality", "by_site"]
 
 
 class Section(BaseModel):
@@ -135,6 +135,12 @@ class DataConfig(Section):
                     f"prognosis lists {flag}, which is not a graded (ordinal) dataset of this classification run; "
                     f"graded datasets here: {', '.join(graded) or 'none'}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sites_as_given(self) -> DataConfig:
+        if self.partition == "by_site" and (self.max_train_per_dataset or self.server_fraction > 0):
+            raise ValueError("partition by_site keeps every site's training rows: unset max_train_per_dataset and server_fraction")
         return self
 
     @model_validator(mode="after")

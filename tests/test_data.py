@@ -193,3 +193,43 @@ def test_own_npz_under_a_name_of_ones_choosing_runs_and_is_recorded(data_dir, tm
         assert str(broken) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(DataError, match="does not exist"):
         materialise(small_config(data_dir, tmp_path / "absent", "data.files={mine: /nowhere/mine.npz}", "data.datasets=[mine]"))
+
+
+def _images_on_disk(root, data_dir, sites: bool):
+    """RetinaMNIST images as png files: a CSV of (path, label[, site]) and the same as class sub-folders."""
+    from PIL import Image
+
+    with np.load(data_dir / "retinamnist.npz") as npz:
+        images, labels = npz["train_images"][:60], npz["train_labels"][:60, 0] % 2
+    rows = ["path,label" + (",site" if sites else "")]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / "folders" / ["benign", "malignant"][label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+        rows.append(f"folders/{['benign', 'malignant'][label]}/{i}.png,{['benign', 'malignant'][label]}" + (f",hospital_{i % 3}" if sites else ""))
+    (root / "table.csv").write_text("\n".join(rows) + "\n")
+    return root / "table.csv", root / "folders"
+
+
+def test_an_image_folder_and_a_csv_with_sites_run_a_federation(data_dir, tmp_path, ray_session):
+    from raymed.engine import run_experiment
+    from raymed.results import read_run
+
+    table, folders = _images_on_disk(tmp_path / "own", data_dir, sites=True)
+    base = ["rounds=2", "clients.fraction=1.0", "eval.personalised=true", "data.datasets=[ours]", "data.size=28", "data.max_train_per_dataset=null"]
+    cfg = small_config(data_dir, tmp_path / "csv", f"data.files={{ours: {table}}}", "data.partition=by_site", "clients.num=3", *base)
+    shards = ShardSet(materialise(cfg))
+    assert shards.num_clients == 3 and shards.tasks["ours"].num_classes == 2 and shards.tasks["ours"].channels == 3
+    site_rows = [sum(shards.client_sizes()[c]) for c in range(3)]
+    assert all(n > 0 for n in site_rows) and sum(site_rows) == shards.meta["datasets"]["ours"]["num_train"]
+    assert read_run(run_experiment(cfg))["summary"]["status"] == "completed"
+    with pytest.raises(DataError, match="holds 3 sites"):
+        materialise(small_config(data_dir, tmp_path / "csv4", f"data.files={{ours: {table}}}", "data.partition=by_site", "clients.num=4", *base))
+
+    cfg = small_config(data_dir, tmp_path / "dir", f"data.files={{ours: {folders}}}", "data.partition=iid", "clients.num=2", *base)
+    assert read_run(run_experiment(cfg))["summary"]["status"] == "completed"
+    with pytest.raises(DataError, match="needs a site for every row"):
+        materialise(small_config(data_dir, tmp_path / "dir2", f"data.files={{ours: {folders}}}", "data.partition=by_site", "clients.num=2", *base))
+    (tmp_path / "own" / "bad.csv").write_text("path,label\nfolders/nowhere.png,1\n")
+    with pytest.raises(DataError, match="does not exist"):
+        materialise(small_config(data_dir, tmp_path / "bad", f"data.files={{ours: {tmp_path / 'own' / 'bad.csv'}}}", "clients.num=2", *base))

@@ -80,7 +80,7 @@ class OwnFiles(Source):
     priority = 0
 
     def claims(self, flag: str, d: DataConfig) -> bool:
-        return flag in d.files
+        return flag in d.files and d.files[flag].lower().endswith(".npz")
 
     def locate(self, flag: str, d: DataConfig) -> DatasetFile:
         path = Path(d.files[flag]).expanduser()

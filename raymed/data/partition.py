@@ -169,3 +169,16 @@ def local_split(
     n_hold = min(max(1, int(round(n * holdout_fraction))), n - 1) if n >= 2 and holdout_fraction > 0 else 0
     n_val = min(max(1, int(round(n * val_fraction))), n - n_hold - 1) if n - n_hold >= 2 and val_fraction > 0 else 0
     return np.sort(order[n_hold + n_val :]), np.sort(order[n_hold : n_hold + n_val]), np.sort(order[:n_hold])
+
+
+def partition_by_site(sites: dict[str, np.ndarray | None], num_clients: int) -> list[ClientRows]:
+    """One client per site (``data.partition=by_site``), sites in sorted name order: the federated
+    split the data itself records. ``sites``: each dataset's site name per training row."""
+    missing = [flag for flag, names in sites.items() if names is None]
+    if missing:
+        raise DataError(f"data.partition=by_site needs a site for every row; {', '.join(missing)} has none (a CSV with a site column has)")
+    names = sorted(set().union(*(set(v.tolist()) for v in sites.values())))
+    if num_clients != len(names):
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise DataError(f"data.partition=by_site: the data holds {len(names)} sites ({shown}); set clients.num={len(names)}")
+    return [{flag: np.flatnonzero(v == name) for flag, v in sites.items() if (v == name).any()} for name in names]

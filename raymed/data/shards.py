@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from raymed.config import DataConfig, ExperimentConfig
 from raymed.data import reports
-from raymed.data.partition import local_split, partition
+from raymed.data.partition import local_split, partition, partition_by_site
 from raymed.data.sources import DatasetFile, source_of, source_of_file
 from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
@@ -276,10 +276,13 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     # VQA-RAD asks several questions of one image: an image's questions stay together, at one client
     # and on one side of its local split, so no held-out question shares an image with a trained one.
     groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].kind == "vqa"}
-    clients = partition_by_image(
-        {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, groups,
-        lambda labels: partition(labels, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples),
-    )
+    if d.partition == "by_site":
+        clients = partition_by_site({f.flag: source_of_file(f).sites(f, "train") for f in files if f.flag in train}, cfg.clients.num)
+    else:
+        clients = partition_by_image(
+            {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, groups,
+            lambda labels: partition(labels, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples),
+        )
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,8 @@ itself; a new source is one module with one ``@register_source`` class, imported
 
 - ``files`` (:mod:`raymed.data.own_files`): the user's own MedMNIST-layout ``.npz`` under a name of
   their choosing (``data.files``);
+- ``images`` (:mod:`raymed.data.image_folder`): the user's own images, a folder of class sub-folders
+  or a CSV of (path, label[, site][, split]) (``data.files``);
 - ``vqa_rad`` (:mod:`raymed.data.vqa_rad`): VQA-RAD's organs;
 - ``r2gen`` (:mod:`raymed.data.reports`): an R2Gen-format report folder;
 - ``medmnist`` (:mod:`raymed.data.medmnist_files`): the MedMNIST release, any other flag.
@@ -63,6 +65,10 @@ class Source:
         """Whether it ships a validation split (else one is carved out of its training rows)."""
         return True
 
+    def sites(self, file: DatasetFile, split: str) -> np.ndarray | None:
+        """The site (hospital) of each row of ``split``, where the data says (``partition: by_site``)."""
+        return None
+
 
 SOURCES: dict[str, Source] = {}
 
@@ -74,7 +80,7 @@ def register_source(cls: type[Source]) -> type[Source]:
 
 def registered() -> list[Source]:
     """Every source, in the order they are asked."""
-    from raymed.data import medmnist_files, own_files, reports, vqa_rad  # noqa: F401  (each registers its source)
+    from raymed.data import image_folder, medmnist_files, own_files, reports, vqa_rad  # noqa: F401  (each registers its source)
 
     return sorted(SOURCES.values(), key=lambda s: (s.priority, s.name))
 
