@@ -128,28 +128,37 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
 def _embedded_default(overrides: list[str]) -> list:
     """The default experiment on the real subsets found, else on synthetic stand-ins (said loudly)."""
     from raymed.config import load_config
-    from raymed.data.medmnist_files import find_file, verify, write_synthetic
+    from raymed.data.medmnist_files import download_url, file_name, find_file, locate, online, search_dirs, verify, write_synthetic
 
     base = load_config(None, overrides)
+    d = base.data
     found = []
-    for flag in base.data.datasets:
-        path = find_file(flag, base.data.size, base.data.root)
+    for flag in d.datasets:
+        path = find_file(flag, d.size, d.root)
         if path is not None:
-            verify(path, flag, base.data.size)  # a corrupt file is an error, never quietly replaced
+            verify(path, flag, d.size, d.verify)  # a corrupt file is an error, never quietly replaced
             found.append(flag)
+        elif d.download is True or (d.download == "auto" and online(download_url(flag, d.size))):
+            console.print(f"{file_name(flag, d.size)} not found; downloading it (data.download={d.download})")
+            locate(flag, d.size, d.root, True, d.verify)
+            found.append(flag)
+    looked = ", ".join(str(p) for p in search_dirs(d.root))
+    why = "no network to download them from" if d.download == "auto" else "data.download is false"
     extra = list(overrides)
     if found:
         extra.append(f"data.datasets=[{','.join(found)}]")
-        missing = set(base.data.datasets) - set(found)
+        missing = set(d.datasets) - set(found)
         if missing:
-            console.print(f"[yellow]not found, left out: {', '.join(sorted(missing))}[/yellow]")
+            console.print(f"[yellow]not found, left out: {', '.join(sorted(missing))} (looked in {looked}; {why})[/yellow]")
     else:
         synthetic_dir = Path(base.output_dir) / ".synthetic-data"
         for flag in base.data.datasets:
             write_synthetic(flag, synthetic_dir, seed=base.seed)
         extra.append(f"data.root={synthetic_dir}")
         console.print(
-            "[bold red]No MedMNIST files found: running on SYNTHETIC stand-ins. These are not real results.[/bold red] "
+            f"[bold red]No MedMNIST files found ({', '.join(file_name(f, d.size) for f in d.datasets)}; looked in {looked}; "
+            f"{why}): running on "
+            "SYNTHETIC stand-ins. These are not real results.[/bold red] "
             "Set RAYMED_DATA_DIR to a folder of MedMNIST .npz files (`raymed data check` shows what is found)."
         )
     if any(o.split("=", 1)[0].strip() in ("strategy", "strategy.name") for o in overrides):

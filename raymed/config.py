@@ -33,7 +33,9 @@ class DataConfig(Section):
     datasets: list[str] = Field(default_factory=lambda: ["pneumoniamnist", "breastmnist", "retinamnist"])
     root: str | None = None
     size: Literal[28, 64, 128, 224] = 28
-    download: bool = False
+    # A missing MedMNIST file: false never downloads; true downloads it (medmnist's own download, with a
+    # progress bar); auto downloads it when the network answers and otherwise goes on as false does.
+    download: bool | Literal["auto"] = False
     # MedMNIST files whose md5 is not the release's (a subset, a re-split, your own export in its layout):
     # official refuses them; warn uses them, saying so; off uses them silently. Either way meta.json
     # records each file's md5 and whether it is the official release.

@@ -157,3 +157,35 @@ def test_own_data_errors_are_one_line_and_write_nothing(data_dir, tmp_path):
     cfg["data"]["files"] = {"mine": str(tmp_path / "absent.npz")}
     _assert_one_line_error(raymed("run", _write_config(tmp_path, cfg)), "data.files.mine", "does not exist")
     assert not (tmp_path / "results").exists()
+
+
+def test_embedded_default_downloads_when_online_and_says_why_it_falls_back_when_not(tmp_path, monkeypatch, capsys):
+    """data.download: auto (the embedded default): a missing file is fetched when the network answers;
+    offline, the run goes on synthetic stand-ins and the red line names the files and where it looked."""
+    import medmnist.info
+
+    from raymed import cli
+    from raymed.data import medmnist_files
+
+    empty = tmp_path / "nowhere"
+    monkeypatch.setenv("RAYMED_DATA_DIR", str(empty))
+    monkeypatch.setattr(medmnist.info, "DEFAULT_ROOT", str(tmp_path / "medmnist-home"))
+    base = [f"output_dir={tmp_path / 'results'}", f"data.root={tmp_path / 'root'}"]
+
+    monkeypatch.setattr(medmnist_files, "online", lambda *a, **k: False)
+    configs = cli._embedded_default(base)
+    said = "".join(capsys.readouterr().out.split())  # the console wraps long lines anywhere
+    assert "SYNTHETIC" in said and "nonetwork" in said and "pneumoniamnist.npz" in said and str(empty) in said
+    assert all(c.data.root.endswith(".synthetic-data") for c in configs)
+
+    fetched = []
+
+    def fake_download(flag, size, directory):  # what medmnist's download leaves behind, without the network
+        fetched.append(flag)
+        return medmnist_files.verify(medmnist_files.write_synthetic(flag, directory, scale=0.02), flag, size)
+
+    monkeypatch.setattr(medmnist_files, "online", lambda *a, **k: True)
+    monkeypatch.setattr(medmnist_files, "_download", fake_download)
+    configs = cli._embedded_default(base)
+    assert fetched == ["pneumoniamnist", "breastmnist", "retinamnist"]
+    assert "downloading" in capsys.readouterr().out and configs[0].data.datasets == fetched

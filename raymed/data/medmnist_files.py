@@ -148,19 +148,33 @@ def find_file(flag: str, size: int = 28, root: str | None = None) -> Path | None
     return None
 
 
-def locate(flag: str, size: int = 28, root: str | None = None, download: bool = False, verify_mode: str = "official") -> DatasetFile:
+def online(url: str = "https://zenodo.org", timeout_s: float = 3.0) -> bool:
+    """Whether the MedMNIST download host answers (a TCP connection to it within ``timeout_s``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or "zenodo.org"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def locate(flag: str, size: int = 28, root: str | None = None, download: bool | str = False, verify_mode: str = "official") -> DatasetFile:
     name = file_name(flag, size)
     dirs = search_dirs(root)
     found = find_file(flag, size, root)
     if found is not None:
         return verify(found, flag, size, verify_mode)
-    if download:
+    offline = download == "auto" and not online(download_url(flag, size))
+    if download and not offline:
         return _download(flag, size, dirs[0])
     looked = ", ".join(str(d) for d in dirs)
     raise DataError(
-        f"{name} not found (looked in {looked}); download it from {download_url(flag, size)} into one of "
-        f"those folders or set RAYMED_DATA_DIR, allow a download with --set data.download=true, or write a "
-        f"synthetic stand-in with `raymed data synth --out DIR {flag}`"
+        f"{name} not found (looked in {looked}{'; data.download=auto found no network' if offline else ''}); download it from "
+        f"{download_url(flag, size)} into one of those folders or set RAYMED_DATA_DIR, allow a download with --set "
+        f"data.download=true, or write a synthetic stand-in with `raymed data synth --out DIR {flag}`"
     )
 
 
