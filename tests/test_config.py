@@ -29,7 +29,7 @@ def test_overrides_parse_yaml_values():
         (["clients.frction=0.5"], ["unknown key clients.frction", "did you mean clients.fraction", "allowed keys here"]),
         (["clients.fraction=1.5"], ["clients.fraction", "1.5", "less than or equal to 1"]),
         (["clients.num=many"], ["clients.num", "'many'", "integer"]),
-        (["data.partition=random"], ["data.partition", "'random'", "'iid', 'dirichlet', 'client_dirichlet', 'quantity' or 'modality'"]),
+        (["data.partition=random"], ["data.partition", "'random'", "'iid', 'dirichlet', 'client_dirichlet', 'quantity', 'modality' or 'by_site'"]),
         (["data.datasets=[pneumoniamnst]"], ["data.datasets", "did you mean pneumoniamnist", "allowed:"]),
         (["data.datasets=[pneumoniamnist,adrenalmnist3d]"], ["mixes 2D and 3D", "fedkim"]),
         (["strategy.name=fedsgd"], ["strategy.name", "'fedsgd'", "allowed: central, dpfedavg, fedavg, fedkim, fedmrg, fedper, fedprox, krum"]),
