@@ -352,6 +352,9 @@ class TaskConfig(Section):
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # evaluate every N rounds, and always after the last one
     personalised: bool = True
+    # Personalised evaluation covers every registered client up to this many, then a seeded sample of
+    # this many (the same clients every round; the round's row says eval/personal_clients_sampled).
+    personal_clients: int | None = Field(1000, ge=1)
     batch_size: int = Field(512, ge=1)
     report_samples: int = Field(16, ge=0)  # report generation: test reports written beside their references
     # Model selection, on validation only: the round whose `select` metric is best is the run's

@@ -183,3 +183,15 @@ def test_workers_that_cannot_be_placed_stop_the_run_with_the_reason(data_dir, tm
         ray.kill(hog)
     summary = next((tmp_path / "results").glob("*/summary.json")).read_text()
     assert "not placed" in summary  # the run folder says why it stopped
+
+
+def test_personalised_evaluation_samples_the_same_seeded_clients_every_round(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedavg", "eval.personal_clients=4", "rounds=2")
+    run_dir = run_experiment(cfg)
+    rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
+    assert (rounds["eval/personal_clients_sampled"] == 4).all()
+    evaluation = pq.read_table(run_dir / "evaluation").to_pandas()
+    by_round = evaluation.groupby("round")["client_id"].apply(lambda c: sorted(set(c)))
+    assert len(by_round) == 2 and by_round.iloc[0] == by_round.iloc[1] and len(by_round.iloc[0]) == 4
+    expected = sorted(np.random.default_rng([cfg.seed, 0xE7A1]).choice(range(cfg.clients.num), 4, replace=False).tolist())
+    assert by_round.iloc[0] == expected

@@ -375,6 +375,9 @@ class ServerActor:
         """Every client's personalised model on its own validation rows (``val/personal/...``) and
         held-out rows (``personal/...``): pooled per dataset, and the mean over clients."""
         clients = sorted(self.sizes)
+        limit = self.cfg.eval.personal_clients
+        if limit is not None and len(clients) > limit:  # a seeded sample, the same clients every round
+            clients = sorted(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(clients, limit, replace=False).tolist())
         workers = [self.workers[i] for i in self.live_workers()]
         groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(workers))
         ref = ray.put(self.method.broadcast(self.state))
@@ -391,6 +394,8 @@ class ServerActor:
             )
             pooled.setdefault((part["split"], part["dataset"]), []).append(part)
         out: dict[str, float] = {}
+        if len(clients) < len(self.sizes):
+            out["eval/personal_clients_sampled"] = float(len(clients))
         if self.method.personal_state:  # clients left out: never sampled, their model would be the seeded init
             out["eval/unseen_clients"] = float(len(unseen))
         for (split, flag), items in sorted(pooled.items()):

@@ -222,12 +222,19 @@ class ClientWorker:
         rows (``split`` test): scores and labels per dataset; a client whose personalised model would
         be the seeded initial one (never sampled yet, under a method with personal state) is only named."""
         results = []
-        for client_id, state in zip(client_ids, ray.get(self.state_store.get_many.remote(client_ids))):
-            if state is None and self.method.personal_state:
+        personal = self.method.personal_state
+        # Without personal state every client's personalised model is the global one: fetch no state
+        # and load the model once, not once per client.
+        states = ray.get(self.state_store.get_many.remote(client_ids)) if personal else [None] * len(client_ids)
+        loaded = False
+        for client_id, state in zip(client_ids, states):
+            if state is None and personal:
                 results.append({"client_id": client_id, "unseen": True})
                 continue
             ctx = self._context(client_id, -1, state)
-            self.method.load_personalised(ctx, payload)
+            if personal or not loaded:
+                self.method.load_personalised(ctx, payload)
+                loaded = True
             for split_name, splits in (("val", ctx.shard.val), ("test", ctx.shard.holdout)):
                 for flag, split in splits.items():
                     if len(split):
