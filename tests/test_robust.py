@@ -171,7 +171,7 @@ def test_impossible_settings_are_refused_in_one_line(data_dir, tmp_path):
     assert "n−f=7" in refused(data_dir, tmp_path, *ten, "strategy.name=krum", "strategy.byzantine=3", "strategy.select=8")
     assert small_config(data_dir, tmp_path, *ten, "strategy.name=krum", "strategy.byzantine=3", "strategy.select=7").strategy.params["select"] == 7
     assert "leaving none" in refused(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.45")
-    assert small_config(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.4").strategy.params == {"server_lr": 1.0, "weighting": "uniform", "trim": 0.4}
+    assert small_config(data_dir, tmp_path, *ten, "strategy.name=trimmed_mean", "strategy.trim=0.4").strategy.params == {"server_lr": 1.0, "weighting": "uniform", "max_updates_gb": 16.0, "trim": 0.4}
     assert "strategy.trim" in refused(data_dir, tmp_path, "strategy.name=trimmed_mean", "strategy.trim=0.5")
     assert "leaving none" in refused(data_dir, tmp_path, "strategy.name=trimmed_mean", "strategy.trim=0.34")  # ⌈1.02⌉ = 2 of 3
     assert small_config(data_dir, tmp_path, "strategy.name=trimmed_mean").strategy.params["trim"] == 0.1  # ⌈0.3⌉ = 1 of 3: one left
@@ -285,3 +285,32 @@ def test_median_withstands_a_scaling_attack_that_wrecks_fedavg(data_dir, tmp_pat
     assert abs(acc["median_attacked"] - acc["median_clean"]) < abs(acc["fedavg_attacked"] - acc["median_clean"]), acc
     assert np.isfinite(runs["median_attacked"][0]["rounds"]["train/loss"]).all()
 
+
+
+def test_chunked_rules_equal_numpy_on_the_whole_stack(monkeypatch):
+    """Median, trimmed mean and Krum's distances computed chunk by chunk (a few coordinates at a time)
+    equal numpy on the whole n × P float64 stack."""
+    from raymed.methods import robust
+
+    rng = np.random.default_rng(7)
+    updates = [{"w": rng.normal(size=(13, 7)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)} for _ in range(9)]
+    stack = {k: np.stack([u[k] for u in updates]).astype(np.float64) for k in ("w", "b")}
+    whole = {"median": coordinate_median(updates), "trimmed": trimmed_mean(updates, 0.2), "krum": krum_scores(updates, 2)}
+    monkeypatch.setattr(robust, "CHUNK_BYTES", 8 * 9 * 3)  # three coordinates per chunk
+    assert len(list(robust.chunks([u["w"] for u in updates]))) == math.ceil(13 * 7 / 3)
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(coordinate_median(updates)[key], np.median(stack[key], axis=0).astype(np.float32))
+        np.testing.assert_array_equal(coordinate_median(updates)[key], whole["median"][key])
+        np.testing.assert_allclose(trimmed_mean(updates, 0.2)[key], whole["trimmed"][key], rtol=1e-6)
+    np.testing.assert_allclose(krum_scores(updates, 2), whole["krum"], rtol=1e-12)
+
+
+def test_a_round_whose_updates_cannot_fit_is_refused_before_training(data_dir, tmp_path):
+    import torch
+
+    cfg = small_config(data_dir, tmp_path, "strategy.name=median", "strategy.max_updates_gb=0.0001")
+    method = build_method("median", cfg.strategy.params)
+    model = torch.nn.Linear(1000, 100)  # 0.1 M parameters × 3 clients × 4 bytes = 1.2 MB
+    with pytest.raises(ConfigError, match="3 clients × 0.1 M parameters .* > strategy.max_updates_gb=0.0001"):
+        method.check_model(cfg, model)
+    build_method("median", {**cfg.strategy.params, "max_updates_gb": 1.0}).check_model(cfg, model)

@@ -76,6 +76,7 @@ class ServerActor:
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.shards = ShardSet(shard_dir)
         model = self.method.build_model(self.cfg.model, self.shards.tasks, self.cfg.seed)
+        self.method.check_model(self.cfg, model)
         self.state = self.method.init_state(float_state(model))
         frozen = frozen_state(model)
         # One copy in the object store, mapped by every worker of a node; held here for the run's life.

@@ -477,6 +477,10 @@ class Method(ABC):
     def check_config(self, cfg: ExperimentConfig) -> None:
         """Refuse (ConfigError, one line) an experiment this method cannot run; called on validation."""
 
+    def check_model(self, cfg: ExperimentConfig, model: torch.nn.Module) -> None:
+        """Refuse (ConfigError, one line) a layout this method cannot hold, once its model exists (the
+        server calls it before any client trains)."""
+
     def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
         """The model this method trains (the same seed gives the same weights in every process): a
         classifier/regressor with a head per dataset, or the report generator for report tasks;

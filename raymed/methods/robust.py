@@ -53,7 +53,7 @@ import hashlib
 import logging
 import math
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -112,14 +112,31 @@ class UpdateList:
 # The rules, on plain lists of updates
 
 
+CHUNK_BYTES = 64 << 20  # the float64 stack a rule sees at once: n updates × this / (8 n) coordinates
+
+
+def chunks(values: list[np.ndarray]) -> Iterator[tuple[slice, np.ndarray]]:
+    """(coordinates, the n × chunk float64 stack of ``values`` there), over the flattened values in
+    chunks of at most CHUNK_BYTES, so a rule never holds an n × P float64 copy of a large key."""
+    flat = [v.reshape(-1) for v in values]
+    step = max(1, CHUNK_BYTES // (8 * len(flat)))
+    for start in range(0, flat[0].size, step):
+        part = slice(start, start + step)
+        yield part, np.stack([f[part] for f in flat]).astype(np.float64)
+
+
 def per_key(updates: list[Weights], rule: Callable[[np.ndarray], np.ndarray]) -> Weights:
-    """``rule`` (a function of the (n_key, ...) float64 stack of a key's values) applied to each key
-    over the updates that sent it; results in the dtype the updates came in."""
+    """``rule`` (a coordinate-wise function of an (n_key, coordinates) float64 stack of a key's values,
+    along axis 0) applied to each key over the updates that sent it, chunk by chunk; results in the
+    dtype the updates came in."""
     keys = sorted({k for u in updates for k in u})
     out = {}
     for key in keys:
         values = [u[key] for u in updates if key in u]
-        out[key] = rule(np.stack(values).astype(np.float64)).astype(values[0].dtype)
+        result = np.empty(values[0].size, dtype=values[0].dtype)
+        for part, stack in chunks(values):
+            result[part] = rule(stack)
+        out[key] = result.reshape(values[0].shape)
     return out
 
 
@@ -156,10 +173,11 @@ def krum_scores(updates: list[Weights], byzantine: int, keys: list[str] | None =
     keys = shared_keys(updates) if keys is None else keys
     if n == 1 or not keys:  # nothing to compare
         return np.zeros(n)
-    flat = np.stack([np.concatenate([u[k].astype(np.float64).ravel() for k in keys]) for u in updates])
     dist = np.zeros((n, n))
-    for i in range(n):  # exact differences (no ‖a‖² + ‖b‖² − 2ab cancellation under scaled attacks)
-        dist[i, i + 1 :] = ((flat[i + 1 :] - flat[i]) ** 2).sum(axis=1)
+    for key in keys:  # chunk by chunk: never an n × P float64 copy of the updates
+        for _, block in chunks([u[key] for u in updates]):
+            for i in range(n):  # exact differences (no ‖a‖² + ‖b‖² − 2ab cancellation under scaled attacks)
+                dist[i, i + 1 :] += ((block[i + 1 :] - block[i]) ** 2).sum(axis=1)
     dist = dist + dist.T
     neighbours = min(max(n - byzantine - 2, 1), n - 1)
     others = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)  # the diagonal (i itself) sorts last
@@ -195,6 +213,17 @@ class RobustAggregation(FedAvg):
     def new_accumulator(self) -> UpdateList:  # type: ignore[override]
         return UpdateList()
 
+    def check_model(self, cfg: ExperimentConfig, model) -> None:
+        """The rules need every update of a round at once: K clients × P parameters in float32."""
+        params = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+        need = cfg.clients.per_round * params * 4 / 2**30
+        if need > self.params.max_updates_gb:
+            raise ConfigError(
+                f"strategy {self.name} keeps every update of a round: {cfg.clients.per_round} clients × {params / 1e6:.1f} M parameters "
+                f"× 4 bytes = {need:.1f} GB > strategy.max_updates_gb={self.params.max_updates_gb:g}; sample fewer clients per round "
+                "(clients.fraction) or raise strategy.max_updates_gb where the server has the memory"
+            )
+
     @abstractmethod
     def robust_delta(self, updates: list[Weights]) -> Weights:
         """The robust combination of the round's updates, per key."""
@@ -208,6 +237,7 @@ class RobustAggregation(FedAvg):
 
 class RobustParams(FedAvgParams):
     weighting: Literal["uniform"] = Field("uniform", description="the rules weigh every client alike (see above)")
+    max_updates_gb: float = Field(16.0, gt=0, description="the most memory a round's updates may take on the server (K × P × 4 bytes)")
 
 
 @register_method
