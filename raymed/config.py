@@ -31,6 +31,10 @@ class DataConfig(Section):
     # from the images. A MedMNIST flag as the name is checked against the release as data.verify says.
     files: dict[str, str] = Field(default_factory=dict)
     datasets: list[str] = Field(default_factory=lambda: ["pneumoniamnist", "breastmnist", "retinamnist"])
+    # Engine-scale experiments only (datasets: [synthetic_clients], partition: by_site): this many
+    # clients, each with synthetic_rows generated training rows of its own; marked SYNTHETIC everywhere.
+    synthetic_clients: int | None = Field(None, ge=1)
+    synthetic_rows: int = Field(4, ge=2)
     root: str | None = None
     size: Literal[28, 64, 128, 224] = 28
     # A missing MedMNIST file: false never downloads; true downloads it (medmnist's own download, with a
@@ -93,7 +97,7 @@ class DataConfig(Section):
 
         own = info.data.get("files") or {}
         for flag in flags:
-            known = [*INFO, *ORGANS, "r2gen", *own]
+            known = [*INFO, *ORGANS, "r2gen", "synthetic_clients", *own]
             if flag not in known:
                 close = difflib.get_close_matches(flag, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""

@@ -233,3 +233,20 @@ def test_an_image_folder_and_a_csv_with_sites_run_a_federation(data_dir, tmp_pat
     (tmp_path / "own" / "bad.csv").write_text("path,label\nfolders/nowhere.png,1\n")
     with pytest.raises(DataError, match="does not exist"):
         materialise(small_config(data_dir, tmp_path / "bad", f"data.files={{ours: {tmp_path / 'own' / 'bad.csv'}}}", "clients.num=2", *base))
+
+
+def test_synthetic_clients_give_each_client_its_own_rows_and_say_synthetic(data_dir, tmp_path, ray_session):
+    import json
+
+    from raymed.engine import run_experiment
+
+    cfg = small_config(data_dir, tmp_path, "data.datasets=[synthetic_clients]", "data.synthetic_clients=200", "data.synthetic_rows=4",
+                       "data.partition=by_site", "data.max_train_per_dataset=null", "clients.num=200", "clients.fraction=0.05",
+                       "rounds=1", "eval.personal_clients=50")
+    shards = ShardSet(materialise(cfg))
+    assert shards.num_clients == 200 and all(sum(s) == 4 for s in shards.client_sizes().values())
+    meta = json.loads((run_experiment(cfg) / "meta.json").read_text())
+    assert meta["synthetic"] is True and meta["data_files"]["synthetic_clients"]["synthetic"] is True
+    with pytest.raises(DataError, match="holds 200 sites"):
+        materialise(small_config(data_dir, tmp_path / "x", "data.datasets=[synthetic_clients]", "data.synthetic_clients=200",
+                                 "data.partition=by_site", "data.max_train_per_dataset=null", "clients.num=20"))

@@ -177,8 +177,15 @@ def partition_by_site(sites: dict[str, np.ndarray | None], num_clients: int) -> 
     missing = [flag for flag, names in sites.items() if names is None]
     if missing:
         raise DataError(f"data.partition=by_site needs a site for every row; {', '.join(missing)} has none (a CSV with a site column has)")
-    names = sorted(set().union(*(set(v.tolist()) for v in sites.values())))
+    names = np.unique(np.concatenate([np.asarray(v) for v in sites.values()]))
     if num_clients != len(names):
-        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        shown = ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")
         raise DataError(f"data.partition=by_site: the data holds {len(names)} sites ({shown}); set clients.num={len(names)}")
-    return [{flag: np.flatnonzero(v == name) for flag, v in sites.items() if (v == name).any()} for name in names]
+    clients: list[ClientRows] = [{} for _ in names]
+    for flag, v in sites.items():  # group the rows by site in one sort (100,000 sites: no per-site scan)
+        which = np.searchsorted(names, np.asarray(v))
+        order = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[order], np.arange(len(names) + 1))
+        for client in np.flatnonzero(np.diff(bounds)):
+            clients[client][flag] = order[bounds[client] : bounds[client + 1]]
+    return clients

@@ -12,6 +12,8 @@ itself; a new source is one module with one ``@register_source`` class, imported
   or a CSV of (path, label[, site][, split]) (``data.files``);
 - ``vqa_rad`` (:mod:`raymed.data.vqa_rad`): VQA-RAD's organs;
 - ``r2gen`` (:mod:`raymed.data.reports`): an R2Gen-format report folder;
+- ``synthetic_clients`` (:mod:`raymed.data.synthetic_clients`): generated data per client, for
+  engine-scale experiments only;
 - ``medmnist`` (:mod:`raymed.data.medmnist_files`): the MedMNIST release, any other flag.
 """
 
@@ -80,7 +82,7 @@ def register_source(cls: type[Source]) -> type[Source]:
 
 def registered() -> list[Source]:
     """Every source, in the order they are asked."""
-    from raymed.data import image_folder, medmnist_files, own_files, reports, vqa_rad  # noqa: F401  (each registers its source)
+    from raymed.data import image_folder, medmnist_files, own_files, reports, synthetic_clients, vqa_rad  # noqa: F401  (each registers its source)
 
     return sorted(SOURCES.values(), key=lambda s: (s.priority, s.name))
 
