@@ -44,6 +44,10 @@ from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_arg
 SECTIONS = ("classification", "ablation", "superres", "vqa")
 QUICK = ["data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
 HOSPITALS = 6  # two per modality: at fraction 0.2, one hospital per round
+# Super-resolution trains with AdamW at 1e-3: under SGD (lr 0.01 or 0.05, momentum 0.9) the shared
+# convolutional decoder gained at most 0.015 dB over bicubic in 10 rounds (its MSE is ~0.004, its
+# gradients tiny); AdamW gained 1.6 dB in the same 10 rounds (FedAvg, seed 0).
+SR_OPTIMISER = ["clients.optimizer=adamw", "clients.lr=0.001"]
 # The paper's setups: one model over the union of the label spaces for the single-model baselines,
 # personalised heads for the personalised methods.
 HEAD = {"fedavg": "shared", "fedprox": "shared", "fedper": "per_dataset", "omnifm": "per_dataset"}
@@ -182,7 +186,7 @@ class Bench(PaperBench):
         for scale, seeds in ((2, self.seeds), (4, self.seeds[:1])):
             rows = []
             for s in ("fedavg", "omnifm"):
-                runs = self.series("superres", s, 1.0, ["data.task=superresolution", f"data.sr_scale={scale}"], seeds)
+                runs = self.series("superres", s, 1.0, ["data.task=superresolution", f"data.sr_scale={scale}", *SR_OPTIMISER], seeds)
                 rows.append({"method": s, "psnr": agg([r["metrics"].get("psnr") for r in runs]), "ssim": agg([r["metrics"].get("ssim") for r in runs]),
                              "paper_psnr": PAPER_SR[s] if scale == 2 else None})
             rows.append({"method": "bicubic", **self.bicubic(scale), "paper_psnr": None})
