@@ -17,6 +17,7 @@ non-negative integers, images that are not uint8 or differ in size between split
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,14 @@ KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "label
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a MedMNIST-layout file, checked."""
+    """Every array of a MedMNIST-layout file, checked (read once per file version: locate, task and
+    each split's load share it)."""
+    return _read_npz(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_npz(path_str: str, mtime_ns: int) -> dict[str, np.ndarray]:
+    path = Path(path_str)
     try:
         with np.load(path) as npz:
             missing = [k for k in KEYS if k not in npz.files]

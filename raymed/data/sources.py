@@ -19,6 +19,7 @@ itself; a new source is one module with one ``@register_source`` class, imported
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -41,27 +42,28 @@ class DatasetFile:
     source: str = "medmnist"  # the registered source that reads it
 
 
-class Source:
-    """One kind of data: subclasses set ``name`` (and ``priority``: lower is asked first)."""
+class Source(ABC):
+    """One kind of data: subclasses set ``name`` (and ``priority``: lower is asked first) and implement
+    the four abstract methods."""
 
     name: ClassVar[str]
     priority: ClassVar[int] = 50
 
+    @abstractmethod
     def claims(self, flag: str, d: DataConfig) -> bool:
         """Whether dataset ``flag`` of this config is this source's."""
-        raise NotImplementedError
 
+    @abstractmethod
     def locate(self, flag: str, d: DataConfig) -> DatasetFile:
         """Find (and check) the dataset; a one-line DataError when it is missing or malformed."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images (uint8: N×H×W, N×H×W×3 or N×D×H×W) and labels (N×L) of ``split`` (train, val, test)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
         """The dataset's own task (classification, VQA, ...)."""
-        raise NotImplementedError
 
     def has_val_split(self, file: DatasetFile) -> bool:
         """Whether it ships a validation split (else one is carved out of its training rows)."""
