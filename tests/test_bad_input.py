@@ -61,7 +61,7 @@ CASES = {
     "resume_without_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("holds no checkpoint.safetensors", "engine.checkpoint_every"), setup="run_folder"),
     "resume_corrupt_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("checkpoint.safetensors", "is corrupt"), setup="corrupt_checkpoint"),
     "resume_a_pickle_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("federation.pkl", "is not read", "can run code"), setup="pickle_checkpoint"),
-    "resume_an_old_format": Case(["run", "--resume", "{tmp}/run"], ("version 1", "this raymed reads raymed-checkpoint version 2"), setup="old_format"),
+    "resume_an_old_format": Case(["run", "--resume", "{tmp}/run"], ("version 1", "this raymed reads raymed-checkpoint versions 2 and 3"), setup="old_format"),
     "resume_a_foreign_checkpoint": Case(["run", "--resume", "{tmp}/run"], ("comes from another run", "run other-run", "says this-run"), setup="foreign_checkpoint"),
     "resume_an_edited_config": Case(["run", "--resume", "{tmp}/run", "--set", "rounds=4"], ("differs from the checkpoint's config in clients.lr", "undo the edit"), setup="edited_config"),
     "resume_an_empty_config": Case(["run", "--resume", "{tmp}/run", "--set", "rounds=4"], ("config.yaml is empty",), setup="empty_config"),
@@ -131,7 +131,7 @@ def _write_checkpoint(run: Path, config: dict, round_: int, run_id: str = "r", v
     from raymed.engine import checkpoint
     from raymed.methods import ServerState
 
-    saved = {"server": ServerState(weights={}, round=round_), "selected": None, "clients": {}, "rounds": [], "config": config}
+    saved = {"server": ServerState(weights={}, round=round_), "selected": None, "client_segments": [], "rounds": [], "config": config}
     checkpoint.save_checkpoint(run, run_id, saved)
     if version is not None:
         header = {**checkpoint.read_header(run / checkpoint.CHECKPOINT_FILE), "version": version}

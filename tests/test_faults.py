@@ -84,6 +84,70 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tmp_
     assert len(meta["resumed"]) == 1
     assert not [p for p in stopped.rglob("*.pkl")] and (stopped / "checkpoint.safetensors").is_file()  # nothing that could run code
     assert list((stopped / "client_state").glob("*.safetensors")) and not (stopped / ".lock").exists()
+    assert list((stopped / "checkpoint-clients").glob("r*.safetensors"))  # the clients' states, in increments
+
+
+def test_checkpoints_are_incremental_and_a_torn_write_leaves_the_previous_one(data_dir, tmp_path, ray_session):
+    from raymed.engine.checkpoint import CHECKPOINT_FILE, SEGMENTS, read_checkpoint
+
+    # FedPer with 3 of 6 clients per round: each checkpoint writes the states of the round's clients only.
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper", "rounds=4")
+    federation = Federation(cfg)
+    with pytest.raises(OSError, match="No space left"), federation:
+        federation.start()
+        trained: list[set[int]] = []
+        for _ in range(2):
+            metrics = federation.step()
+            trained.append(set(sample_clients(cfg.seed, federation.round, cfg.clients.num, cfg.clients.fraction)))
+            federation.wait_for_checkpoint()
+            assert metrics["clients/aggregated"] == 3
+        run = federation.run_dir
+        rows = federation.checkpoints
+        assert [r["clients_written"] for r in rows] == [3, 3]  # the clients changed, not the 6 registered
+        seen = trained[0] | trained[1]
+        federation.checkpoint(tmp_path / "whole")  # self-contained, elsewhere: every state once
+        assert rows[2]["clients_written"] == len(seen) > 3
+        per_client = rows[2]["segment_bytes"] / len(seen)
+        assert 2.9 * per_client < rows[1]["segment_bytes"] < 3.1 * per_client  # bytes follow the clients written
+        assert read_checkpoint(tmp_path / "whole")[1]["clients"].keys() == seen
+        _, saved = read_checkpoint(run)
+        assert saved["server"].round == 2 and set(saved["clients"]) == trained[0] | trained[1]
+        assert all(saved["segment_of"][c] == "r000002" for c in trained[1])
+        live = sorted(p.name for p in (run / SEGMENTS).iterdir())
+        assert live == sorted({f"{s}.safetensors" for s in saved["segment_of"].values()})  # superseded segments removed
+        head_before = (run / CHECKPOINT_FILE).read_bytes()
+
+        # Round 3's checkpoint dies while its head is written (a full disk at the fsync): round 2's stays whole.
+        real_fsync = os.fsync
+
+        def full_disk(fd: int) -> None:
+            if CHECKPOINT_FILE in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        with mock.patch("raymed.files.os.fsync", full_disk):
+            federation.step()
+            federation.wait_for_checkpoint()
+    assert (run / CHECKPOINT_FILE).read_bytes() == head_before and not list(run.glob(".*.tmp"))
+    _, again = read_checkpoint(run)
+    assert again["server"].round == 2 and set(again["clients"]) == set(saved["clients"])
+    for c, state in saved["clients"].items():
+        assert all(np.array_equal(state[k], again["clients"][c][k]) for k in state)
+    assert "r000003.safetensors" in {p.name for p in (run / SEGMENTS).iterdir()}  # written, but listed by no head
+
+    # The run resumes from round 2's incremental checkpoint and ends where an uninterrupted run does.
+    resumed = resume_experiment(run)
+    whole = run_experiment(cfg)
+    pd.testing.assert_frame_equal(_rounds(resumed), _rounds(whole), check_exact=True)
+    _, last = read_checkpoint(run)
+    assert last["server"].round == 4
+    assert {p.name for p in (run / SEGMENTS).iterdir()} == {f"{s}.safetensors" for s in last["client_segments"]}
+
+    # A segment gone missing is named in one line.
+    gone = run / SEGMENTS / f"{sorted(set(last['segment_of'].values()))[0]}.safetensors"
+    gone.unlink()
+    with pytest.raises(Exception, match=f"cannot read {gone}, a part of the checkpoint"):
+        read_checkpoint(run)
 
 
 def test_crashed_clients_are_retried_or_dropped(data_dir, tmp_path, ray_session):

@@ -1,9 +1,19 @@
 """The federation checkpoint, in a format that cannot run code.
 
 A run folder is shared between people and copied from clusters, so nothing in it may execute when it
-is read: no pickle. The checkpoint is one safetensors file — its arrays as tensors, everything else
-(the server's method state, client states, the rounds so far, the resolved config) as a JSON tree in
-the file's metadata, arrays referenced by name. Reading it parses a length-prefixed JSON header and
+is read: no pickle. The checkpoint is safetensors files — arrays as tensors, everything else as a JSON
+tree in the file's metadata, arrays referenced by name:
+
+- ``checkpoint.safetensors``, the head: the server's state (weights, the method's state, the round),
+  the model selected on validation, the rounds so far, the resolved config, and the names of the
+  client-state segments that make up the clients' states, oldest first;
+- ``checkpoint-clients/<segment>.safetensors``: the states of the clients that changed in the rounds
+  since the previous checkpoint (:class:`raymed.engine.client_state.ClientStateStore` writes them).
+  A client's state is the one in the newest segment that holds it.
+
+A checkpoint is complete or absent: segments are written first, under new names, then the head
+replaces the previous one atomically, and only then are segments no head lists removed. A write
+killed midway leaves the previous checkpoint whole. Reading it parses a length-prefixed JSON header and
 raw tensor bytes, nothing more. Objects inside it are limited to plain data and the dataclasses
 registered with :func:`checkpointable` (``ServerState``, OmniFM's knowledge bank), rebuilt from their
 fields.
@@ -28,9 +38,11 @@ from raymed.errors import ConfigError, DataError
 from raymed.files import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+SEGMENTS = "checkpoint-clients"  # the client-state segments, beside the head
 LEGACY_CHECKPOINT = "federation.pkl"  # before format 2: a pickle, never read
 FORMAT = "raymed-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: client states in segments; 2 (still read): every client's state inside the head
+READS = ("2", "3")
 RESUMABLE_KEYS = ("rounds", "ray.")  # what a resumed run may change: how long it runs and where Ray is
 
 _CLASSES: dict[str, type] = {}
@@ -131,14 +143,25 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def segment_path(folder: str | Path, segment: str) -> Path:
+    return Path(folder) / SEGMENTS / f"{segment}.safetensors"
+
+
 def save_checkpoint(folder: str | Path, run_id: str, saved: dict[str, Any]) -> Path:
-    """``saved``: server, selected, clients, rounds, config (see Federation.checkpoint)."""
+    """Write the head (``saved``: server, selected, rounds, config, client_segments; see
+    Federation.checkpoint) once its segments are written; then remove the segments it no longer lists."""
     header = {"format": FORMAT, "version": str(FORMAT_VERSION), "run_id": run_id, "config_sha256": config_hash(saved["config"])}
-    return save_tree(Path(folder) / CHECKPOINT_FILE, saved, header)
+    path = save_tree(Path(folder) / CHECKPOINT_FILE, saved, header)
+    listed = {f"{s}.safetensors" for s in saved["client_segments"]}
+    for old in (Path(folder) / SEGMENTS).glob("*.safetensors"):
+        if old.name not in listed:
+            old.unlink(missing_ok=True)
+    return path
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """The checkpoint in ``folder``: (its header, its content); one line when it is missing,
+    """The checkpoint in ``folder``: (its header, its content, with ``clients``: every client's state
+    and ``segment_of``: the segment each came from); one line when it or a segment is missing,
     unreadable, of another format or version, or does not match its own config hash."""
     folder = Path(folder)
     path = folder / CHECKPOINT_FILE
@@ -153,10 +176,10 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, str], dict[str, Any]]
         header = read_header(path)
     except Exception as exc:
         raise DataError(f"cannot read the federation checkpoint {path} ({type(exc).__name__}); it is corrupt: rerun from the start") from None
-    if header.get("format") != FORMAT or header.get("version") != str(FORMAT_VERSION):
+    if header.get("format") != FORMAT or header.get("version") not in READS:
         raise DataError(
             f"{path} is checkpoint format {header.get('format', '?')} version {header.get('version', '?')}; this raymed reads "
-            f"{FORMAT} version {FORMAT_VERSION}: resume it with the raymed that wrote it, or rerun from the start"
+            f"{FORMAT} versions {' and '.join(READS)}: resume it with the raymed that wrote it, or rerun from the start"
         )
     try:
         saved = load_tree(path)
@@ -167,6 +190,19 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, str], dict[str, Any]]
         raise DataError(f"cannot read the federation checkpoint {path} ({type(exc).__name__}); it is corrupt: rerun from the start") from None
     if config_hash(saved["config"]) != header.get("config_sha256"):
         raise DataError(f"{path}: its config does not match the hash it was saved with; the file was altered: rerun from the start")
+    saved.setdefault("clients", {})  # version 2 holds them inline
+    saved["segment_of"] = {}
+    for segment in saved.get("client_segments", []):
+        part = segment_path(folder, segment)
+        try:
+            states = load_tree(part)
+        except Exception as exc:
+            raise DataError(
+                f"cannot read {part}, a part of the checkpoint in {folder} ({type(exc).__name__}); it is missing or corrupt: rerun from the start"
+            ) from None
+        saved["clients"].update(states)
+        saved["segment_of"].update(dict.fromkeys(states, segment))
+    saved["folder"] = str(folder)  # where it was read (not saved): a resume in the same folder continues its segments
     return header, saved
 
 

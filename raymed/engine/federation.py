@@ -5,12 +5,17 @@
 after each evaluation. Data problems are found before Ray starts (fail fast, one line). Results are
 written after every round, so a failure or an interrupt keeps all finished rounds and says why in
 ``summary.json``. A checkpoint holds the server state, every client's persistent state and the
-rounds so far, so a restored federation continues exactly where it stopped.
+rounds so far, so a restored federation continues exactly where it stopped. It is written while the
+next round trains (what it holds is taken between the rounds), in increments: the client states that
+changed since the previous checkpoint (:mod:`raymed.engine.checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymed.config import ExperimentConfig
 from raymed.data.shards import ShardSet, locate_sources, materialise
-from raymed.engine.checkpoint import RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint
+from raymed.engine.checkpoint import CHECKPOINT_FILE, RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint, segment_path
 from raymed.engine.faults import check_faults
 from raymed.engine.runtime import PORTS, Placement, determinism, init_ray, plan_cluster
 from raymed.engine.server import ServerActor
@@ -80,6 +85,9 @@ class Federation:
             raise
         self.round = 0
         self.info: dict[str, Any] = {}
+        self.checkpoints: list[dict[str, Any]] = []  # one row per checkpoint written: round, clients, bytes, seconds
+        self._writing: PendingCheckpoint | None = None  # the checkpoint being written while a round trains
+        self._store: Any = None
 
     def _start_server(self, cfg: ExperimentConfig, shard_dir: Path, placement: Placement | None) -> Any:
         """The server actor (which owns the client pool): beside this driver, or in its bundle."""
@@ -129,26 +137,52 @@ class Federation:
             ray.get(self.server.keep_selected.remote())  # the model of the round selected on validation
         every = self.cfg.engine.checkpoint_every
         if every and (self.round % every == 0 or self.round == self.cfg.rounds) and not METHODS[self.cfg.strategy.name].uses_server_model:
-            self.checkpoint(self.run_dir)  # after the round's files: the checkpoint never runs ahead of them
+            self._begin_checkpoint(self.run_dir)  # after the round's files: the checkpoint never runs ahead of them
         return result["metrics"]
 
     def checkpoint(self, folder: str | Path) -> Path:
-        """Write the whole federation's state to ``folder`` (atomically; a safetensors file that
-        cannot run code: :mod:`raymed.engine.checkpoint`); returns the file. It holds the server state (weights, the method's state, the
-        round), every client's persistent state and the metrics so far. Random draws need no saved
-        state: each is seeded by (seed, round, client) (sampling, availability, faults, batches,
-        torch's seed per client)."""
-        store = ray.get(self.server.client_state_store.remote())
-        state, selected, clients = ray.get([self.server.get_state.remote(), self.server.get_selected.remote(), store.snapshot.remote()])
-        saved = {"server": state, "selected": selected, "clients": clients, "rounds": self.writer.rounds, "config": self.cfg.to_dict()}
-        return save_checkpoint(folder, self.writer.run_id, saved)
+        """Write the whole federation's state to ``folder``, self-contained, and wait for it (a Tune
+        trial's checkpoint); returns the head file. The run folder's own checkpoints are incremental
+        and written while the next round trains (:meth:`step`). It holds the server state (weights,
+        the method's state, the round), every client's persistent state and the metrics so far. Random
+        draws need no saved state: each is seeded by (seed, round, client) (sampling, availability,
+        faults, batches, torch's seed per client)."""
+        same = Path(folder).resolve() == self.run_dir.resolve()
+        self._begin_checkpoint(folder, everything=not same)
+        self.wait_for_checkpoint()
+        return Path(folder) / CHECKPOINT_FILE
+
+    def _begin_checkpoint(self, folder: str | Path, everything: bool = False) -> None:
+        """Take what the checkpoint of this round holds (now, between rounds) and write it in the
+        background: the client states by their store, the head by a thread of this driver."""
+        self.wait_for_checkpoint()  # one at a time, in order
+        started = time.perf_counter()
+        if self._store is None:
+            self._store = ray.get(self.server.client_state_store.remote())
+        segment = f"r{self.round:06d}"
+        captured = ray.get(self._store.capture.remote(segment, everything))
+        # The server runs its calls in order: these return this round's state, whatever comes next.
+        server = [self.server.get_state.remote(), self.server.get_selected.remote()]
+        written = self._store.write.remote(segment, str(segment_path(folder, segment)))
+        head = {"rounds": list(self.writer.rounds), "config": self.cfg.to_dict(), "client_segments": captured["segments"]}
+        row = {"round": self.round, "clients_written": captured["clients"], "segments": len(captured["segments"])}
+        self._writing = PendingCheckpoint(Path(folder), self.writer.run_id, server, written, head, row, started, self.checkpoints)
+        self._writing.thread.start()
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint being written is on disk (raises what its writing raised)."""
+        pending, self._writing = self._writing, None
+        if pending is not None:
+            pending.join()
 
     def restore(self, folder: str | Path | dict[str, Any]) -> int:
         """Continue from a checkpoint written by :meth:`checkpoint` (its folder, or the checkpoint as
         :func:`read_checkpoint` returns it); returns its round."""
         saved = folder if isinstance(folder, dict) else read_checkpoint(folder)[1]
         store = ray.get(self.server.client_state_store.remote())
-        ray.get([self.server.set_state.remote(saved["server"]), store.replace_all.remote(saved["clients"])])
+        # Resumed in its own folder, the next checkpoint adds to these segments; elsewhere it starts whole.
+        own = Path(saved["folder"]).resolve() == self.run_dir.resolve()
+        ray.get([self.server.set_state.remote(saved["server"]), store.restored.remote(saved["clients"], saved["segment_of"] if own else {})])
         self.writer.restore_rounds(saved["rounds"])
         self.round = saved["server"].round
         e = self.cfg.eval
@@ -163,6 +197,14 @@ class Federation:
         return self.selection.should_stop
 
     def close(self, status: str) -> None:
+        try:
+            self.wait_for_checkpoint()  # a finished round's checkpoint: kept even when the run failed later
+        except Exception as exc:
+            logger.warning("the checkpoint of %s after round %s was not written: %s", self.name, self.round, exc)
+            if status == "completed":
+                raise
+        if self.checkpoints:
+            self.writer.add_meta(checkpoints=checkpoint_summary(self.checkpoints))
         self.save_model()
         self.writer.finish(status, selected=self.selection.summary(), baselines=self.baselines, baseline_metrics=self.baseline_metrics)
         ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
@@ -194,6 +236,45 @@ class Federation:
             status = f"stopped after round {self.round}"
         self.close(status)
         return False
+
+
+class PendingCheckpoint:
+    """A checkpoint whose content was taken between two rounds, written by a thread of the driver
+    while the next round trains: it waits for the server's state and the client-state segment,
+    then writes the head (atomically, after the segment) and records the row."""
+
+    def __init__(self, folder: Path, run_id: str, server: list, written: Any, head: dict, row: dict, started: float, log: list):
+        self.error: BaseException | None = None
+
+        def write() -> None:
+            try:
+                state, selected = ray.get(server)
+                row["segment_bytes"] = ray.get(written)
+                path = save_checkpoint(folder, run_id, {"server": state, "selected": selected, **head})
+                row["head_bytes"] = os.path.getsize(path)
+                row["seconds"] = time.perf_counter() - started
+                log.append(row)
+            except BaseException as exc:  # re-raised in the driver by join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=write, name=f"checkpoint-r{row['round']}", daemon=True)
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def checkpoint_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What meta.json records of a run's checkpoints."""
+    return {
+        "written": len(rows),
+        "last_round": rows[-1]["round"],
+        "segment_bytes_total": sum(r["segment_bytes"] for r in rows),
+        "head_bytes_last": rows[-1]["head_bytes"],
+        "clients_written_total": sum(r["clients_written"] for r in rows),
+        "seconds_max": max(r["seconds"] for r in rows),
+    }
 
 
 def failure_status(exc: BaseException) -> str:

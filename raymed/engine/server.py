@@ -98,7 +98,8 @@ class ServerActor:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         helper = {"scheduling_strategy": placement.helper_strategy if placement else here}
         self.store = (
-            ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0, **helper).remote(folder)
+            # threaded: it writes a checkpoint segment while the next round's workers read and store states
+            ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0, max_concurrency=4, **helper).remote(folder)
         )
         self.faults = FaultPlan(self.cfg)
         self._spawn = (cfg, shard_dir, run_name, placement)
