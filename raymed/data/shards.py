@@ -381,15 +381,19 @@ class ShardSet:
         self.folder = Path(folder)
         try:
             self.meta = json.loads((self.folder / "meta.json").read_text())
-            index = pq.read_table(self.folder / "index.parquet").to_pylist()
+            index = pq.read_table(self.folder / "index.parquet")
         except (OSError, ValueError) as exc:
             raise DataError(
                 f"shard set {self.folder} is unreadable ({exc}); delete it and rerun (it is rebuilt), and on a "
                 f"cluster put data.cache_dir on storage every node can read"
             ) from None
-        self.index: dict[int, list[dict]] = {}
-        for row in index:
-            self.index.setdefault(row["client_id"], []).append(row)
+        # Columns, sorted by client: every actor holds the index, so at 100,000 clients a dict of rows
+        # per client (~600 bytes each) would cost each of them tens of MB.
+        order = np.argsort(index.column("client_id").to_numpy(), kind="stable")
+        self._rows = {name: index.column(name).to_numpy()[order] for name in ("client_id", "offset", "num_train", "num_val", "num_holdout")}
+        encoded = index.column("dataset").combine_chunks().dictionary_encode()
+        self._flags = encoded.dictionary.to_pylist()
+        self._rows["dataset"] = encoded.indices.to_numpy()[order]
         self.tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta["datasets"].items()}
         self.held_out_tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta.get("held_out", {}).items()}
         self._arrays: dict[str, Split] = {}
@@ -414,25 +418,35 @@ class ShardSet:
             self._arrays[key] = Split(images.reshape(len(table), *shape), labels)
         return self._arrays[key]
 
+    def client_ids(self) -> np.ndarray:
+        """Every client's id, ascending."""
+        return np.unique(self._rows["client_id"])
+
+    def _client_rows(self, client_id: int) -> range:
+        ids = self._rows["client_id"]
+        return range(int(np.searchsorted(ids, client_id, "left")), int(np.searchsorted(ids, client_id, "right")))
+
     def client(self, client_id: int) -> ClientShard:
         train, val, holdout = {}, {}, {}
-        for row in self.index.get(client_id, []):
-            whole = self._split(row["dataset"], "train")
-            start = row["offset"]
-            train_end = start + row["num_train"]
-            val_end = train_end + row["num_val"]
-            end = val_end + row["num_holdout"]
-            train[row["dataset"]] = whole[start:train_end]
-            val[row["dataset"]] = whole[train_end:val_end]
-            holdout[row["dataset"]] = whole[val_end:end]
+        r = self._rows
+        for i in self._client_rows(client_id):
+            flag = self._flags[r["dataset"][i]]
+            whole = self._split(flag, "train")
+            start = int(r["offset"][i])
+            train_end = start + int(r["num_train"][i])
+            val_end = train_end + int(r["num_val"][i])
+            end = val_end + int(r["num_holdout"][i])
+            train[flag] = whole[start:train_end]
+            val[flag] = whole[train_end:val_end]
+            holdout[flag] = whole[val_end:end]
         return ClientShard(client_id, train, holdout, val)
 
     def client_sizes(self) -> dict[int, tuple[int, int, int]]:
         """client id → (local training examples, validation examples, held-out examples)."""
-        return {
-            cid: (sum(r["num_train"] for r in rows), sum(r["num_val"] for r in rows), sum(r["num_holdout"] for r in rows))
-            for cid, rows in self.index.items()
-        }
+        r = self._rows
+        ids, first = np.unique(r["client_id"], return_index=True)
+        sums = [np.add.reduceat(r[k], first) if len(first) else r[k][:0] for k in ("num_train", "num_val", "num_holdout")]
+        return {int(c): (int(a), int(b), int(h)) for c, a, b, h in zip(ids, *sums)}
 
     def test(self, flag: str) -> Split:
         return self._split(flag, "test")

@@ -50,7 +50,7 @@ def _score(task: TaskSpec, train_labels: np.ndarray, split: Split) -> dict[str, 
 def compute_baselines(shards: ShardSet) -> dict[str, dict[str, Any]]:
     """Per dataset: the majority (or bicubic) predictor on validation and test, chance, and the
     clients' local majority on their own validation and held-out rows."""
-    clients = {cid: shards.client(cid) for cid in shards.index}
+    clients = {int(cid): shards.client(int(cid)) for cid in shards.client_ids()}
     out: dict[str, dict[str, Any]] = {}
     for flag, task in shards.tasks.items():
         if task.kind == "report":
