@@ -82,9 +82,10 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, quick: str, extra=None) -> argparse.Namespace:
-    """The paper-table benchmarks' shared command line; ``args.only`` comes back as a list of sections.
-    ``extra(parser)`` adds a benchmark's own arguments."""
+def parse_args(doc: str, sections: tuple[str, ...], rounds: int | None, seeds: str, quick: str, extra=None,
+               default_sections: tuple[str, ...] | None = None) -> argparse.Namespace:
+    """The paper-table benchmarks' shared command line; ``args.only`` comes back as a list of sections
+    (``default_sections`` when not given: all). ``extra(parser)`` adds a benchmark's own arguments."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     if extra is not None:
         extra(ap)
@@ -93,7 +94,7 @@ def parse_args(doc: str, sections: tuple[str, ...], rounds: int, seeds: str, qui
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--allow-synthetic", action="store_true", help="accept synthetic stand-in image files (results flagged)")
-    ap.add_argument("--only", default=",".join(sections), help="comma list among " + ",".join(sections))
+    ap.add_argument("--only", default=",".join(default_sections or sections), help="comma list among " + ",".join(sections))
     ap.add_argument("--quick", action="store_true", help="smoke test: " + quick.replace("%", "%%"))  # argparse %-formats help
     args = ap.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]

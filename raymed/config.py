@@ -355,6 +355,9 @@ class TaskConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # evaluate every N rounds, and always after the last one
+    # The global model on each dataset's validation and test split (global/..., val/global/...); false:
+    # skipped, for studies that report personalised metrics only (it is most of a small run's evaluation).
+    global_model: bool = True
     personalised: bool = True
     # Personalised evaluation covers every registered client up to this many, then a seeded sample of
     # this many (the same clients every round; the round's row says eval/personal_clients_sampled).

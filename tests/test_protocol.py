@@ -254,6 +254,15 @@ def test_early_stopping_ends_a_run_whose_validation_stopped_improving(data_dir, 
     assert json.loads((run["dir"] / "meta.json").read_text())["baselines"]["pneumoniamnist"]["majority_acc"] > 0.5
 
 
+def test_without_the_global_evaluation_a_run_selects_on_its_personalised_metrics(data_dir, tmp_path, ray_session):
+    cfg = small_config(data_dir, tmp_path, "rounds=2", "eval.global_model=false", "engine.checkpoint_every=0")
+    run = read_run(run_experiment(cfg))
+    columns = set(run["rounds"].columns)
+    assert not [c for c in columns if c.startswith(("global/", "val/global/"))]
+    assert {"personal/client_mean/acc", "val/personal/client_mean/acc"} <= columns
+    assert run["summary"]["selected"]["metric"] == "val/personal/client_mean/acc"
+
+
 def test_float32_pairwise_partials_stay_within_the_bound_of_float64():
     """1,000 client updates summed in float32 (PairwiseSum), as one worker's partial and as eight
     partials sent over the wire (pickled) and merged: within (BLOCK + log2(n / BLOCK) + 2) · ε₃₂ ·

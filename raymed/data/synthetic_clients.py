@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 FLAG = "synthetic_clients"
 EVAL_ROWS = 512
 SIZE = 28
+CHUNK = 16384  # rows generated at once
+GENERATOR = 2  # in the data's name, so shards cached from an earlier generator are not reused
 
 
 @lru_cache(maxsize=2)
@@ -39,8 +41,11 @@ def generate(clients: int, rows: int, seed: int = 0) -> dict[str, tuple[np.ndarr
             sites = np.arange(clients).repeat(rows)
         else:
             labels, sites = rng.integers(0, 2, size=n), None
-        noise = rng.normal(0, 40, size=(n, SIZE, SIZE)).astype(np.float32)
-        images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+        images = np.empty((n, SIZE, SIZE), np.uint8)
+        for start in range(0, n, CHUNK):  # in chunks: 400,000 rows of float64 noise at once would be 2.5 GB
+            part = slice(start, start + CHUNK)
+            noise = rng.normal(0, 40, size=(len(labels[part]), SIZE, SIZE)).astype(np.float32)
+            images[part] = np.clip(templates[labels[part]] + noise, 0, 255)
         out[split] = (images, labels.reshape(-1, 1), sites)
     return out
 
@@ -59,11 +64,11 @@ class SyntheticClients(Source):
         if not d.synthetic_clients:
             raise ConfigError("data.datasets names synthetic_clients: set data.synthetic_clients to the number of generated clients")
         # there is no file: the name says what was generated, and is what the shards are keyed by
-        name = f"generated-{d.synthetic_clients}x{d.synthetic_rows}"
+        name = f"generated-v{GENERATOR}-{d.synthetic_clients}x{d.synthetic_rows}"
         return DatasetFile(FLAG, SIZE, Path(f"<{name}>"), name, synthetic=True, official=False, source=self.name)
 
     def _data(self, file: DatasetFile) -> dict:
-        clients, rows = (int(v) for v in file.md5.removeprefix("generated-").split("x"))
+        clients, rows = (int(v) for v in file.md5.removeprefix(f"generated-v{GENERATOR}-").split("x"))
         return generate(clients, rows, 0)
 
     def load(self, file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -238,7 +238,8 @@ class ServerActor:
         self.samples = []
         if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             eval_start = time.perf_counter()
-            metrics.update(self.evaluate_global())
+            if self.cfg.eval.global_model:
+                metrics.update(self.evaluate_global())
             if self.decoder is not None:
                 metrics.update(self.method.evaluate_server_model(self.decoder))
             if self.cfg.eval.personalised:
