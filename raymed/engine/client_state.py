@@ -3,7 +3,9 @@
 It lives in its own actor, not in the server: workers fetch a client's state before training it and
 store the new state after, so what a method keeps on the client never reaches the server process.
 Backends: memory (the actor's heap) or disk (one file per client under the run folder, for
-federations whose states outgrow memory; on a cluster that folder must be on shared storage).
+federations whose states outgrow memory; on a cluster that folder must be on shared storage). On disk
+the workers read and write the clients' files themselves (:class:`ClientStates`), so no state passes
+through the store actor; they only tell it which clients changed.
 
 Checkpoints are incremental and written by this actor, not the driver: the store remembers which
 clients changed since the last checkpoint, and :meth:`ClientStateStore.capture` takes exactly those
@@ -19,6 +21,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+import ray
 
 from raymed.engine.checkpoint import load_tree, save_tree
 
@@ -42,9 +46,17 @@ class ClientStateStore:
     def put_many(self, states: dict[int, Any]) -> int:
         for client_id, state in states.items():
             self._put(client_id, state)
+        return self.mark_changed(list(states))
+
+    def mark_changed(self, client_ids: list[int]) -> int:
+        """These clients' states changed (written to their files by a worker)."""
         with self.lock:
-            self.changed.update(states)
-        return len(states)
+            self.changed.update(client_ids)
+        return len(client_ids)
+
+    def where(self) -> str | None:
+        """The folder of the clients' files (disk), or None (memory: ask this actor)."""
+        return None if self.folder is None else str(self.folder)
 
     def pid(self) -> int:
         return os.getpid()
@@ -120,3 +132,27 @@ class ClientStateStore:
             self.memory[client_id] = state
             return
         save_tree(self.folder / f"{client_id}{SUFFIX}", state)
+
+
+class ClientStates:
+    """A worker's access to the clients' states: straight from their files when they are on disk
+    (the store only hears which changed), else through the store actor."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        folder = ray.get(store.where.remote())
+        self.folder = Path(folder) if folder else None
+
+    def get_many(self, client_ids: list[int]) -> list[Any]:
+        if self.folder is None:
+            return ray.get(self.store.get_many.remote(client_ids))
+        return [load_tree(path) if (path := self.folder / f"{c}{SUFFIX}").exists() else None for c in client_ids]
+
+    def put_many(self, states: dict[int, Any]) -> None:
+        """Stored (and the store told) before this returns: before the round ends."""
+        if self.folder is None:
+            ray.get(self.store.put_many.remote(states))
+            return
+        for client_id, state in states.items():
+            save_tree(self.folder / f"{client_id}{SUFFIX}", state)
+        ray.get(self.store.mark_changed.remote(list(states)))

@@ -23,6 +23,7 @@ import torch
 
 from raymed.config import validate_config
 from raymed.data.shards import ClientShard, ShardSet, Split
+from raymed.engine.client_state import ClientStates
 from raymed.engine.devices import assigned_device, assigned_gpu_ids, gpu_peak_bytes
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import configure_torch
@@ -59,7 +60,7 @@ class ClientWorker:
         self.cfg = validate_config(cfg)
         self.index = index
         self.telemetry = Telemetry(run_name)
-        self.state_store = state_store  # actor handle: clients' persistent state, never seen by the server
+        self.states = ClientStates(state_store)  # clients' persistent state, never seen by the server
         configure_torch(self.cfg, self.cfg.clients.num_cpus)
         self.device = assigned_device()  # Ray's assignment, never "whatever CUDA shows"
         self.shards = ShardSet(shard_dir)
@@ -140,14 +141,14 @@ class ClientWorker:
                 reported = time.monotonic()
         self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
-            ray.get(self.state_store.put_many.remote(states))  # stored before the round ends
+            self.states.put_many(states)  # stored before the round ends
         result = {"accumulator": accumulator, "records": records, "peak_rss_mb": _peak_rss_mb(), "lost": []}
         return fold_in(result, others, None if timeout_s is None else started + timeout_s, timeout_s)
 
     def _local_training(self, round_: int, payload: Weights, client_ids: list[int], attempt: int):
         """Yield (context, update, seconds, failure) per client: one at a time, or all together when
         vectorised; ``failure`` is why the client's training raised (its update is then None)."""
-        saved = ray.get(self.state_store.get_many.remote(client_ids))
+        saved = self.states.get_many(client_ids)
         if self.cfg.engine.vectorise:
             start = time.perf_counter()
             ctxs = [self._context(c, round_, state) for c, state in zip(client_ids, saved)]
@@ -225,7 +226,7 @@ class ClientWorker:
         personal = self.method.personal_state
         # Without personal state every client's personalised model is the global one: fetch no state
         # and load the model once, not once per client.
-        states = ray.get(self.state_store.get_many.remote(client_ids)) if personal else [None] * len(client_ids)
+        states = self.states.get_many(client_ids) if personal else [None] * len(client_ids)
         loaded = False
         for client_id, state in zip(client_ids, states):
             if state is None and personal:
