@@ -10,6 +10,9 @@ round trains; the last one is waited for). Two sweeps:
     registered clients 1,000 → 100,000 at 1,000 clients per round (the first setting: all of them)
     clients per round 10 → 1,000 at 100,000 registered
 
+Personalised evaluation covers the sampled clients FedPer has trained at least once (the others
+have only the seeded initial head and are left out, counted): how many is in the table.
+
 Per setting, in a fresh driver process with its own local Ray (so each process's peak is its own):
 the median of rounds 2.. (round 1 warms up) of the whole round as the driver sees it, of its training
 and evaluation parts, and of the checkpoint (seconds from its start to its head on disk, bytes of its
@@ -85,7 +88,9 @@ def one_setting(registered: int, per_round: int, rounds: int, rows: int, work: P
         "round_s": med(whole),
         "train_s": med([m["time/train_s"] for m in metrics]),
         "eval_s": med([m.get("time/eval_s", float("nan")) for m in metrics]),
-        "personal_clients_evaluated": metrics[-1].get("eval/personal_clients_sampled", min(registered, 1000)),
+        # FedPer leaves out sampled clients it never trained (their head is the seeded initial one)
+        "personal_clients_sampled": metrics[-1].get("eval/personal_clients_sampled", min(registered, 1000)),
+        "personal_clients_evaluated": metrics[-1].get("eval/personal_clients_sampled", min(registered, 1000)) - metrics[-1].get("eval/unseen_clients", 0),
         "checkpoint_s": med([c["seconds"] for c in checkpoints]),
         "checkpoint_segment_bytes": med([c["segment_bytes"] for c in checkpoints]),
         "checkpoint_head_bytes": med([c["head_bytes"] for c in checkpoints]),
@@ -105,7 +110,7 @@ def in_fresh_driver(registered: int, per_round: int, args: argparse.Namespace, w
         sys.exit(f"setting {registered:,} registered x {per_round:,} per round failed:\n{proc.stderr[-3000:]}")
     row = json.loads(out.read_text())
     print(f"{registered:>7,} registered x {per_round:>5,} per round: round {row['round_s']:.2f} s "
-          f"(train {row['train_s']:.2f}, eval {row['eval_s']:.2f}), checkpoint {row['checkpoint_s']:.2f} s "
+          f"(train {row['train_s']:.2f}, eval {row['eval_s']:.2f} of {row['personal_clients_evaluated']:,.0f} clients), setup {row['setup_s']:.0f} s, checkpoint {row['checkpoint_s']:.2f} s "
           f"{row['checkpoint_segment_bytes'] / 1e6:.2f} MB, federation peak {row['federation_peak_mb']:.0f} MB, driver {row['peak_mb']['driver']:.0f} MB",
           flush=True)
     return row
@@ -163,7 +168,7 @@ def print_tables(registered_sweep: list[dict], per_round_sweep: list[dict], big:
     from rich.table import Table
 
     console = Console(width=200)
-    columns = ("registered", "per round", "whole round s", "train s", "eval s", "checkpoint s", "ckpt client MB", "ckpt head MB",
+    columns = ("registered", "per round", "whole round s", "train s", "eval s", "evaluated / sampled", "checkpoint s", "ckpt client MB", "ckpt head MB",
                "states written", "driver MB", "server MB", "store MB", "workers MB (sum)", "federation MB")
     for title, rows in (("registered clients", registered_sweep), (f"clients per round, {big:,} registered", per_round_sweep)):
         table = Table(title=f"scaling: {title} — SYNTHETIC clients (engine scale only), whole rounds")
@@ -172,6 +177,7 @@ def print_tables(registered_sweep: list[dict], per_round_sweep: list[dict], big:
         for r in rows:
             p = r["peak_mb"]
             table.add_row(f"{r['registered']:,}", f"{r['per_round']:,}", f"{r['round_s']:.2f}", f"{r['train_s']:.2f}", f"{r['eval_s']:.2f}",
+                          f"{r['personal_clients_evaluated']:,.0f} / {r['personal_clients_sampled']:,.0f}",
                           f"{r['checkpoint_s']:.2f}", f"{r['checkpoint_segment_bytes'] / 1e6:.2f}", f"{r['checkpoint_head_bytes'] / 1e6:.2f}",
                           f"{r['checkpoint_clients_written']:,.0f}", f"{p['driver']:.0f}", f"{p['server']:.0f}", f"{p['store']:.0f}",
                           f"{p['workers_sum']:.0f}", f"{r['federation_peak_mb']:.0f}")

@@ -263,6 +263,19 @@ def test_without_the_global_evaluation_a_run_selects_on_its_personalised_metrics
     assert run["summary"]["selected"]["metric"] == "val/personal/client_mean/acc"
 
 
+def test_macro_f1_equals_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    from raymed.data.tasks import macro_f1
+
+    rng = np.random.default_rng(0)
+    for n, classes, predicted in [(1, 2, 2), (3, 2, 2), (50, 5, 5), (7, 5, 9), (200, 9, 9), (4, 3, 3)]:  # 9 > 5: a shared head's other columns
+        for _ in range(20):
+            y, pred = rng.integers(0, classes, n), rng.integers(0, predicted, n)
+            expected = f1_score(y, pred, labels=np.arange(classes), average="macro", zero_division=0)
+            assert math.isclose(macro_f1(y, pred, classes), expected, abs_tol=1e-12)
+
+
 def test_float32_pairwise_partials_stay_within_the_bound_of_float64():
     """1,000 client updates summed in float32 (PairwiseSum), as one worker's partial and as eight
     partials sent over the wire (pickled) and merged: within (BLOCK + log2(n / BLOCK) + 2) · ε₃₂ ·
