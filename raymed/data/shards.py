@@ -374,6 +374,14 @@ class ClientShard:
         return list(self.train)
 
 
+def _one_chunk(table: pa.Table, name: str) -> pa.Array:
+    """A column as one array, straight from the memory map when it is one chunk (as written):
+    ``combine_chunks`` copies even a single chunk, which put every worker's copy of the whole
+    training split on its heap (313 MB each at 100,000 clients of 4 rows)."""
+    column = table.column(name)
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 class ShardSet:
     """Read side of a shard set: memory-maps the Arrow files once and slices clients out of them."""
 
@@ -412,8 +420,8 @@ class ShardSet:
             source = pa.memory_map(str(self.folder / f"{key}.arrow"), "r")
             table = pa.ipc.open_file(source).read_all()
             shape = {**self.meta["datasets"], **self.meta.get("held_out", {})}[flag]["shape"]
-            images = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=True)
-            labels_col = table.column("label").combine_chunks()
+            images = _one_chunk(table, "image").flatten().to_numpy(zero_copy_only=True)
+            labels_col = _one_chunk(table, "label")
             labels = labels_col.flatten().to_numpy(zero_copy_only=True).reshape(len(table), labels_col.type.list_size)
             self._arrays[key] = Split(images.reshape(len(table), *shape), labels)
         return self._arrays[key]
