@@ -1,4 +1,4 @@
-"""Client shards, materialised once as Arrow IPC files and read memory-mapped by the client workers.
+"""Client shards, materialised once as Arrow IPC files and read by the client workers.
 
 Layout of a shard set (a folder named by a hash of everything that determines its content)::
 
@@ -16,8 +16,9 @@ validation question shares an image with a training question. No client trains o
 
 Held-out datasets (``data.held_out``) have a test split only: no client or server trains on them.
 
-Images are stored channel-first (C×H×W or C×D×H×W) as fixed-size lists of uint8, so a worker slices a
-client's block out of the memory map without copying or re-sending data through the driver.
+Images are stored channel-first (C×H×W or C×D×H×W) as fixed-size lists of uint8, one chunk per file, so
+a worker reads a client's block straight from the file (``pread`` of its bytes: the resident set does
+not grow with the file) without re-sending data through the driver; evaluation splits are memory-mapped.
 The folder is written under a temporary name and renamed into place, so a half-written shard set is
 never read.
 """
@@ -348,7 +349,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8, N×C×spatial (a read-only view into the memory map)
+    images: np.ndarray  # uint8, N×C×spatial, read-only (a view into the memory map, or a client's rows as read)
     labels: np.ndarray  # int32, N×L
 
     def __len__(self) -> int:
@@ -382,6 +383,51 @@ def _one_chunk(table: pa.Table, name: str) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
+class ClientRows:
+    """A training file's rows read a client at a time with ``pread``, not memory-mapped: a mapped
+    file counts in a process's resident set by the page (and the kernel maps ~0.7 MB around each
+    client read), so every worker's resident set grew with the file, i.e. with the clients
+    registered. Labels are small and held in memory; images are read when a client is asked for."""
+
+    def __init__(self, path: Path, start: int, shape: list[int], labels: np.ndarray):
+        self.path, self.start, self.shape, self.labels = path, start, tuple(shape), labels
+        self.row_bytes = int(np.prod(shape))
+        self._fd: int | None = None
+
+    @classmethod
+    def of(cls, path: Path, shape: list[int]) -> ClientRows | None:
+        """The reader of ``path`` (an Arrow file of one chunk, as written), or None."""
+        source = pa.memory_map(str(path), "r")
+        base = source.read_buffer(1).address  # the map's first byte
+        source.seek(0)
+        table = pa.ipc.open_file(source).read_all()
+        if table.column("image").num_chunks != 1 or table.column("label").num_chunks != 1:
+            return None
+        images = table.column("image").chunk(0).flatten()  # uint8 values of the fixed-size lists
+        labels_col = table.column("label").chunk(0)
+        labels = labels_col.flatten().to_numpy(zero_copy_only=True).reshape(len(table), labels_col.type.list_size).copy()
+        return cls(path, images.buffers()[1].address + images.offset - base, shape, labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: slice) -> Split:
+        first, last, _ = rows.indices(len(self.labels))
+        n = max(last - first, 0)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, n * self.row_bytes, self.start + first * self.row_bytes)
+        images = np.frombuffer(data, np.uint8).reshape(n, *self.shape)  # read-only, as the mapped rows were
+        return Split(images, self.labels[first:last])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}  # a descriptor means nothing in another process
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
 class ShardSet:
     """Read side of a shard set: memory-maps the Arrow files once and slices clients out of them."""
 
@@ -405,6 +451,7 @@ class ShardSet:
         self.tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta["datasets"].items()}
         self.held_out_tasks = {flag: TaskSpec(**info["task"]) for flag, info in self.meta.get("held_out", {}).items()}
         self._arrays: dict[str, Split] = {}
+        self._readers: dict[str, ClientRows | Split] = {}
 
     @property
     def num_clients(self) -> int:
@@ -426,6 +473,16 @@ class ShardSet:
             self._arrays[key] = Split(images.reshape(len(table), *shape), labels)
         return self._arrays[key]
 
+    def _client_file(self, flag: str) -> ClientRows | Split:
+        """The training file of ``flag``, whose rows are the clients' (train, validation, held-out):
+        read client by client (:class:`ClientRows`), or mapped whole when written in several chunks."""
+        key = f"{flag}.train"
+        if key not in self._readers:
+            path = self.folder / f"{key}.arrow"
+            shape = self.meta["datasets"][flag]["shape"]
+            self._readers[key] = ClientRows.of(path, shape) or self._split(flag, "train")
+        return self._readers[key]
+
     def client_ids(self) -> np.ndarray:
         """Every client's id, ascending."""
         return np.unique(self._rows["client_id"])
@@ -439,14 +496,12 @@ class ShardSet:
         r = self._rows
         for i in self._client_rows(client_id):
             flag = self._flags[r["dataset"][i]]
-            whole = self._split(flag, "train")
             start = int(r["offset"][i])
-            train_end = start + int(r["num_train"][i])
-            val_end = train_end + int(r["num_val"][i])
-            end = val_end + int(r["num_holdout"][i])
-            train[flag] = whole[start:train_end]
-            val[flag] = whole[train_end:val_end]
-            holdout[flag] = whole[val_end:end]
+            n_train, n_val = int(r["num_train"][i]), int(r["num_val"][i])
+            rows = self._client_file(flag)[start : start + n_train + n_val + int(r["num_holdout"][i])]
+            train[flag] = rows[:n_train]
+            val[flag] = rows[n_train : n_train + n_val]
+            holdout[flag] = rows[n_train + n_val :]
         return ClientShard(client_id, train, holdout, val)
 
     def client_sizes(self) -> dict[int, tuple[int, int, int]]:
