@@ -22,7 +22,7 @@ Five sections, all in one Python process (Ray starts with the first run and ever
         [--only classification,ablation,superres,superres_x4,vqa] [--out benchmarks/results] [--quick] [--allow-synthetic]
 
 Without ``--only`` it runs classification, ablation and superres, the sections whose claims the
-table can test, in about 50 min on 2 cores (3 seeds; measured per run, 2026-12-07); superres_x4 and
+table can test, in about 48 min on 2 cores (3 seeds; measured per run, 2026-12-07); superres_x4 and
 vqa (about 25 min more: in neither can the paper's ordering show, see benchmarks/README.md) run when
 named. ``--rounds`` sets every section's rounds (default: each section's, above).
 
@@ -49,7 +49,7 @@ from raymed.config import load_config
 from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "superres_x4", "vqa")
-DEFAULT_SECTIONS = ("classification", "ablation", "superres")  # the claims the table can test, in ~50 min
+DEFAULT_SECTIONS = ("classification", "ablation", "superres")  # the claims the table can test, in ~48 min
 ROUNDS = {"classification": 20, "ablation": 20, "superres": 10, "superres_x4": 10, "vqa": 10}
 QUICK = ["data.max_train_per_dataset=120", "data.max_test_per_dataset=60"]
 HOSPITALS = 6  # two per modality: at fraction 0.2, one hospital per round
