@@ -87,11 +87,14 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tmp_
     assert list((stopped / "checkpoint-clients").glob("r*.safetensors"))  # the clients' states, in increments
 
 
-def test_checkpoints_are_incremental_and_a_torn_write_leaves_the_previous_one(data_dir, tmp_path, ray_session):
+def test_checkpoints_are_incremental_and_a_torn_write_leaves_the_previous_one(data_dir, tmp_path, ray_session, monkeypatch):
     from raymed.engine.checkpoint import CHECKPOINT_FILE, SEGMENTS, read_checkpoint
 
     # FedPer with 3 of 6 clients per round: each checkpoint writes the states of the round's clients only.
-    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper", "rounds=4")
+    # A relative output folder (as in a Tune trial): the store actor, which writes the segments, has
+    # another working directory than this driver.
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedper", "rounds=4", "output_dir=relative-results")
     federation = Federation(cfg)
     with pytest.raises(OSError, match="No space left"), federation:
         federation.start()

@@ -106,7 +106,7 @@ class Federation:
             needs = options["num_cpus"] or options["num_gpus"]  # a server with no resources always fits there
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=bool(needs))
         return ray.remote(ServerActor).options(**options).remote(
-            cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str(self.writer.dir / "client_state"), placement,
+            cfg.to_dict(), str(shard_dir), self.num_workers, self.name, str((self.writer.dir / "client_state").resolve()), placement,
             self.plan.node_of_worker() if self.plan else None,
         )
 
@@ -157,6 +157,7 @@ class Federation:
         background: the client states by their store, the head by a thread of this driver."""
         self.wait_for_checkpoint()  # one at a time, in order
         started = time.perf_counter()
+        folder = Path(folder).resolve()  # the store writes the segment: its working directory is not this one
         if self._store is None:
             self._store = ray.get(self.server.client_state_store.remote())
         segment = f"r{self.round:06d}"
