@@ -146,6 +146,12 @@ def test_checkpoints_are_incremental_and_a_torn_write_leaves_the_previous_one(da
     assert last["server"].round == 4
     assert {p.name for p in (run / SEGMENTS).iterdir()} == {f"{s}.safetensors" for s in last["client_segments"]}
 
+    # The last round's checkpoint fails: the run says so in summary.json, and the error reaches the caller.
+    with mock.patch("raymed.files.os.fsync", full_disk), pytest.raises(OSError, match="No space left"):
+        run_experiment(cfg.model_copy(update={"rounds": 1}))
+    last_run = max((tmp_path / "relative-results").iterdir(), key=lambda d: d.stat().st_mtime)
+    assert _status(last_run).startswith("failed: the checkpoint after round 1 was not written (OSError")
+
     # A segment gone missing is named in one line.
     gone = run / SEGMENTS / f"{sorted(set(last['segment_of'].values()))[0]}.safetensors"
     gone.unlink()

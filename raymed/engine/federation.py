@@ -198,17 +198,20 @@ class Federation:
         return self.selection.should_stop
 
     def close(self, status: str) -> None:
+        lost = None
         try:
             self.wait_for_checkpoint()  # a finished round's checkpoint: kept even when the run failed later
         except Exception as exc:
             logger.warning("the checkpoint of %s after round %s was not written: %s", self.name, self.round, exc)
-            if status == "completed":
-                raise
+            if status == "completed":  # the run's own last checkpoint: say so, close, then raise it
+                status, lost = f"failed: the checkpoint after round {self.round} was not written ({type(exc).__name__}: {exc})", exc
         if self.checkpoints:
             self.writer.add_meta(checkpoints=checkpoint_summary(self.checkpoints))
         self.save_model()
         self.writer.finish(status, selected=self.selection.summary(), baselines=self.baselines, baseline_metrics=self.baseline_metrics)
         ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
+        if lost is not None:
+            raise lost
 
     def save_model(self) -> None:
         """The server's weights as ``model.safetensors`` in the run folder (a later run's teacher or
