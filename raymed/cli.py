@@ -1,32 +1,50 @@
 """``raymed`` command line: run, tune, report, data check, data synth.
 
 Errors in the user's input or environment print one line (``raymed: <kind>: <what and what to do>``)
-and exit with status 2; set ``RAYMED_DEBUG=1`` to see tracebacks.
+and exit with status 2 (130 on Ctrl-C, 143 on SIGTERM); set ``RAYMED_DEBUG=1`` to see tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
 
-from raymed.errors import ConfigError, DataError, RaymedError, find_user_error
+from raymed.errors import ConfigError, DataError, RaymedError, Terminated, find_user_error, os_error
 from raymed.provenance import version_string
 
 console = Console(stderr=False)
+# In a file or a pipe (a cluster job, `> log.txt`) long lines stay whole rather than wrap at 80 columns.
+console.soft_wrap = not console.is_terminal
 DEFAULT_COMPARISON = ("fedavg", "fedper")
 
 
+DEBUG_HELP = "Errors print one line (exit 2 for your input or environment); RAYMED_DEBUG=1 shows the traceback instead."
+
+
+def _shipped_configs_help() -> str:
+    from raymed.config import embedded_config_descriptions
+
+    rows = embedded_config_descriptions()
+    width = max(map(len, rows))
+    return "shipped experiments (raymed run NAME):\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows.items()) + f"\n\n{DEBUG_HELP}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raymed", description="Simulate federated learning of medical models on Ray.")
+    p = argparse.ArgumentParser(prog="raymed", description="Simulate federated learning of medical models on Ray.", epilog=DEBUG_HELP)
     p.add_argument("--version", action="version", version=version_string(), help="raymed's version and, from a checkout, its git commit")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federation (no CONFIG: the embedded default, FedAvg vs FedPer)")
-    run.add_argument("config", nargs="?", help="experiment YAML, or the name of one shipped with raymed (default, fedmrg)")
+    run = sub.add_parser(
+        "run", help="run a federation (no CONFIG: the embedded default, FedAvg vs FedPer)",
+        epilog=_shipped_configs_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", nargs="?", help="experiment YAML, or the name of one shipped with raymed (listed below)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set clients.lr=0.01 (repeatable)")
     run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--quiet", action="store_true", help="no Tune progress tables")
 
     rep = sub.add_parser("report", help="print a table of runs and plot each metric against rounds")
-    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("runs", nargs="+", help="run folders, or folders holding runs (results/, a sweep's folder): every run beneath is shown")
     rep.add_argument("--out", default="raymed-report.png", help="PNG to write (default: %(default)s)")
     rep.add_argument("--metrics", default="acc,auc,f1", help="metrics to show, comma-separated (default: %(default)s; each task's own, e.g. psnr, always)")
 
@@ -103,6 +121,8 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
                 kind = "synthetic" if d["synthetic"] else "official release" if d["official"] else "not the official release"
                 rows = "/".join(str(d.get(k, "?")) for k in ("num_train", "num_val", "num_test"))
                 progress.console.print(f"  data {flag}: {d['path']} (md5 {d['md5'][:8]}, {kind}), {rows} train/val/test rows", highlight=False)
+            if info.get("cluster"):
+                progress.console.print(f"joined the Ray cluster at {info['cluster']['address']} (session {info['cluster']['session']})", highlight=False)
             ports = {k: v for k, v in (info.get("ports") or {}).items() if v}
             if ports:
                 progress.console.print("ray ports: " + ", ".join(f"{k} {v}" for k, v in ports.items()), highlight=False)
@@ -126,37 +146,41 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
 
 
 def _embedded_default(overrides: list[str]) -> list:
-    """The default experiment on the real subsets found, else on synthetic stand-ins (said loudly)."""
+    """The default experiment on the datasets found. Each dataset's source says whether it is here
+    and whether it can be fetched; a missing MedMNIST subset is left out when others are found, and
+    when none is, the run goes on synthetic stand-ins (said loudly). A dataset of any other source
+    (your own file, folder or CSV, VQA-RAD, ...) that is missing is its source's one-line error."""
     from raymed.config import load_config
-    from raymed.data.medmnist_files import download_url, file_name, find_file, locate, online, search_dirs, verify, write_synthetic
+    from raymed.data.medmnist_files import file_name, search_dirs, write_synthetic
+    from raymed.data.sources import source_of
 
     base = load_config(None, overrides)
     d = base.data
-    found = []
+    found, missing = [], []
     for flag in d.datasets:
-        path = find_file(flag, d.size, d.root)
-        if path is not None:
-            verify(path, flag, d.size, d.verify)  # a corrupt file is an error, never quietly replaced
+        source = source_of(flag, d)
+        if source.available(flag, d):
             found.append(flag)
-        elif d.download is True or (d.download == "auto" and online(download_url(flag, d.size))):
-            console.print(f"{file_name(flag, d.size)} not found; downloading it (data.download={d.download})")
-            locate(flag, d.size, d.root, True, d.verify)
+        elif source.fetchable(flag, d):
+            console.print(f"{flag} not found; downloading it (data.download={d.download})")
+            source.fetch(flag, d)
             found.append(flag)
+        else:
+            missing.append(flag)  # only stand-in sources answer "not here" (MedMNIST)
     looked = ", ".join(str(p) for p in search_dirs(d.root))
     why = "no network to download them from" if d.download == "auto" else "data.download is false"
     extra = list(overrides)
     if found:
         extra.append(f"data.datasets=[{','.join(found)}]")
-        missing = set(d.datasets) - set(found)
         if missing:
             console.print(f"[yellow]not found, left out: {', '.join(sorted(missing))} (looked in {looked}; {why})[/yellow]")
     else:
         synthetic_dir = Path(base.output_dir) / ".synthetic-data"
-        for flag in base.data.datasets:
+        for flag in missing:
             write_synthetic(flag, synthetic_dir, seed=base.seed)
         extra.append(f"data.root={synthetic_dir}")
         console.print(
-            f"[bold red]No MedMNIST files found ({', '.join(file_name(f, d.size) for f in d.datasets)}; looked in {looked}; "
+            f"[bold red]No MedMNIST files found ({', '.join(file_name(f, d.size) for f in missing)}; looked in {looked}; "
             f"{why}): running on "
             "SYNTHETIC stand-ins. These are not real results.[/bold red] "
             "Set RAYMED_DATA_DIR to a folder of MedMNIST .npz files (`raymed data check` shows what is found)."
@@ -206,8 +230,14 @@ def cmd_tune(args) -> int:
 def cmd_report(args) -> int:
     from raymed.results import report
 
+    from raymed.results.store import check_writable
+
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    png = report(args.runs, args.out, console, metrics)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the PNG file to write, e.g. {out / 'report.png'}")
+    check_writable(out.parent, "--out's folder")
+    png = report(args.runs, out, console, metrics)
     console.print(f"plot: {png}")
     return 0
 
@@ -251,19 +281,38 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    raise Terminated()
+
+
+def install_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends a run as Ctrl-C does: the finished rounds, the
+    summary and the actors closed; exit status 143. Ray installs its own handler when it starts
+    (a native stack dump), so :func:`raymed.engine.runtime.init_ray` puts this one back."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "tune": cmd_tune, "report": cmd_report}
     handler = handlers.get(args.command) or {"check": cmd_data_check, "synth": cmd_data_synth}[args.data_command]
+    from raymed.engine import runtime
+
+    previous = signal.getsignal(signal.SIGTERM)
+    install_sigterm()
+    runtime.AFTER_RAY_START.append(install_sigterm)
     try:
         return handler(args)
-    except KeyboardInterrupt:
-        print("raymed: interrupted; finished rounds are saved in the run folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        why = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"raymed: {why}; finished rounds are saved in the run folder (`raymed run --resume RUN_DIR` continues it)", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # one line for the user, never a bare traceback
         if os.environ.get("RAYMED_DEBUG"):
             raise
-        user = exc if isinstance(exc, RaymedError) else find_user_error(exc)
+        user = exc if isinstance(exc, RaymedError) else find_user_error(exc) or os_error(exc)
         if user is not None:
             print(f"raymed: {user.kind}: {user}", file=sys.stderr)
             return 2
@@ -271,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(cause).strip().splitlines() or [""])[0]
         print(f"raymed: internal error: {type(cause).__name__}: {first} (rerun with RAYMED_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if install_sigterm in runtime.AFTER_RAY_START:
+            runtime.AFTER_RAY_START.remove(install_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class DataConfig(Section):
     augment: bool = True
     # Pixel scaling: fixed maps [0, 255] to [-1, 1] (MedMNIST's own mean 0.5, std 0.5); dataset
     # standardises each channel by its training rows' mean and std.
-    normalise: Literal["fixed", "dataset"] = "fixed"
+    normalise: Literal["fixed", "dataset"] = "dataset"
     cache_dir: str | None = None
     # A seeded fraction of every dataset's training rows (VQA-RAD: by image) that no client gets: the
     # server's own small split, for methods that train on the server (FedKIM's central model).
@@ -160,18 +160,19 @@ class ClientsConfig(Section):
     num: int = Field(20, ge=1)
     fraction: float = Field(0.5, gt=0, le=1)
     local_epochs: int = Field(1, ge=1)
-    # None: local_epochs passes over the client's rows per round. K: exactly K optimiser steps per
-    # round over successive shuffled passes (FedOpt's K local steps, Reddi et al. 2021), so a client
-    # with 50 rows takes as many steps as one with 5,000 (local_epochs is then unused).
-    local_steps: int | None = Field(None, ge=1)
+    # K: exactly K optimiser steps per round over successive shuffled passes (FedOpt's K local steps,
+    # Reddi et al. 2021), so a client with 50 rows takes as many steps as one with 5,000.
+    # None: local_epochs passes over the client's rows per round. A config that sets local_epochs
+    # and not local_steps trains by epochs (local_steps becomes None).
+    local_steps: int | None = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimiser, fresh every round (adamw suits transformer decoders)
     # The local learning rate across rounds: constant; cosine from lr (round 1) towards 0 (past the
     # last round); step: x0.1 after 50% and again after 75% of the rounds (MedMNIST's recipe).
-    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     # Which clients are online in a round: each with this probability (seeded by seed and round), or
@@ -179,6 +180,12 @@ class ClientsConfig(Section):
     # lists is online only in its listed rounds; one it does not list is always online).
     availability: float = Field(1.0, gt=0, le=1)
     availability_trace: str | None = None
+
+    @model_validator(mode="after")
+    def _epochs_when_asked(self) -> ClientsConfig:
+        if "local_epochs" in self.model_fields_set and "local_steps" not in self.model_fields_set:
+            self.local_steps = None  # the user asked for epochs: the default K steps would silently ignore them
+        return self
 
     @property
     def per_round(self) -> int:
@@ -289,6 +296,15 @@ class CrashConfig(Section):
     # hang: the worker stops answering (engine.worker_timeout_s catches it).
     kind: Literal["raise", "exit", "hang"] = "raise"
     attempts: int = Field(1, ge=1)  # the first N tries of a client in a round fail, later retries succeed
+    # training: the client's local training fails; evaluation: its worker dies while evaluating the
+    # client's personalised model (kind exit only: a worker lost mid-evaluation).
+    during: Literal["training", "evaluation"] = "training"
+
+    @model_validator(mode="after")
+    def _evaluation_exits(self) -> CrashConfig:
+        if self.during == "evaluation" and self.kind != "exit":
+            raise ValueError(f"during evaluation a crash kills the worker: set kind=exit (got {self.kind})")
+        return self
 
 
 class SlowConfig(Section):
@@ -392,8 +408,8 @@ class RayConfig(Section):
 
 class ExperimentConfig(Section):
     name: str | None = None
-    seed: int = 0
-    rounds: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's and torch's seeds are unsigned 32-bit
+    rounds: int = Field(20, ge=1)
     output_dir: str = "results"
     data: DataConfig = Field(default_factory=DataConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
@@ -449,6 +465,16 @@ def default_config_path() -> Path:
 def embedded_configs() -> list[str]:
     """Names of the experiments shipped with raymed (``raymed run NAME``)."""
     return sorted(p.stem for p in default_config_path().parent.glob("*.yaml"))
+
+
+def embedded_config_descriptions() -> dict[str, str]:
+    """Each shipped experiment's one-line description: the first comment line of its file (read
+    from the files, so ``raymed run --help`` cannot drift from what ships)."""
+    out = {}
+    for name in embedded_configs():
+        first = (default_config_path().parent / f"{name}.yaml").read_text().splitlines()[:1]
+        out[name] = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+    return out
 
 
 MAX_YAML_BYTES = 1_000_000  # an experiment or sweep file is a few kB
@@ -556,6 +582,15 @@ def format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()
     return f"{path}: got {given!r}; {msg}{more}"
 
 
+def _non_finite(raw: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every (key path, value) of ``raw`` whose value is an infinite or nan float (YAML's .inf, .nan)."""
+    if isinstance(raw, dict):
+        return [hit for k, v in raw.items() for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(raw, (list, tuple)):
+        return [hit for i, v in enumerate(raw) for hit in _non_finite(v, f"{path}[{i}]")]
+    return [(path, raw)] if isinstance(raw, float) and not math.isfinite(raw) else []
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping into an :class:`ExperimentConfig`, resolving method parameters."""
     from raymed.methods import METHODS
@@ -577,6 +612,8 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         params = method.Params.model_validate(cfg.strategy.params)
     except ValidationError as err:
         raise ConfigError(format_error(err, method.Params, prefix=("strategy",))) from None
+    for key, value in _non_finite({**cfg.model_dump(exclude={"strategy"}), "strategy": params.model_dump()}):
+        raise ConfigError(f"{key}: got {value}; every number in a config must be finite (no inf or nan)")
     if cfg.engine.vectorise and cfg.clients.optimizer != "sgd":
         raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
     if cfg.data.task == "report" and cfg.engine.vectorise:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class RaymedError(Exception):
     """An error caused by the user's input or environment; the CLI prints it as one line, no traceback."""
@@ -26,6 +30,58 @@ class ResourceError(RaymedError):
 
 class ClientFailure(RaymedError):
     kind = "client error"
+
+
+class OutputError(RaymedError):
+    """A file or folder raymed must write could not be written (full disk, no permission, a file
+    where a folder should be)."""
+
+    kind = "output error"
+
+
+class RunFailed(RaymedError):
+    """A run stopped by something outside the user's input (an actor killed, a node lost); the
+    message says where its finished rounds are and how to continue."""
+
+    kind = "run failed"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's scheduler, ``kill``): handled as Ctrl-C is, with exit status 143."""
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or point output_dir elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or point output_dir elsewhere",
+    errno.EACCES: "no permission to write there: choose a folder you can write (--set output_dir=...)",
+    errno.EPERM: "no permission to write there: choose a folder you can write (--set output_dir=...)",
+    errno.EROFS: "the file system is read-only: choose a writable folder (--set output_dir=...)",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it, or choose another path",
+    errno.EEXIST: "a file stands where a folder is needed: move it, or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed: choose a file name",
+}
+
+
+def os_error(exc: BaseException) -> OutputError | None:
+    """The full-disk, permission or path error behind ``exc`` (an OSError anywhere in its chain, or a
+    safetensors error that carries an OS error code) as one line naming the path; None otherwise."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        code = getattr(cur, "errno", None) if isinstance(cur, OSError) else None
+        if code is None and type(cur).__name__ == "SafetensorError":
+            found = re.search(r"code: (\d+)", str(cur))
+            code = int(found.group(1)) if found else None
+        if code in _OS_HINTS:
+            where = getattr(cur, "filename", None)
+            what = os.strerror(code)
+            return OutputError(f"{what}{f': {where}' if where else ''}; {_OS_HINTS[code]}")
+        stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
+    return None
 
 
 def find_user_error(exc: BaseException) -> RaymedError | None:

@@ -76,8 +76,12 @@ def small_config(data_dir: Path, tmp_path: Path, *overrides: str) -> ExperimentC
             "max_train_per_dataset": 300,
             "max_test_per_dataset": 120,
             "cache_dir": str(tmp_path / "shards"),
+            "normalise": "fixed",
         },
-        "clients": {"num": 6, "fraction": 0.5, "batch_size": 16, "lr": 0.05},
+        # The plain recipe the engine tests were written against (one local epoch, plain SGD, constant
+        # lr), not the schema's default recipe: a test's assertions are about the engine, and it stays fast.
+        "clients": {"num": 6, "fraction": 0.5, "batch_size": 16, "lr": 0.05, "local_steps": None, "momentum": 0.0,
+                    "weight_decay": 0.0, "lr_schedule": "constant"},
         "eval": {"every": 1},
         "ray": {"dashboard": False},
     }

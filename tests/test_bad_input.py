@@ -72,6 +72,28 @@ CASES = {
     "resume_changing_the_config": Case(["run", "--resume", "{tmp}/run", "--set", "clients.lr=1"], ("a resumed run keeps its config", "only rounds and ray.*"), setup="checkpoint"),
     "resume_a_finished_run": Case(["run", "--resume", "{tmp}/run"], ("already finished round 2 of rounds=2", "--set rounds=N"), setup="checkpoint"),
     "report_of_a_non_run": Case(["report", "{tmp}"], ("holds no rounds.parquet",)),
+    # values: every number finite and in range, checked before anything starts
+    "infinite_learning_rate": Case([*RUN, "--set", "clients.lr=inf"], ("clients.lr: got inf", "must be finite")),
+    "huge_float_is_infinite": Case([*RUN, "--set", "clients.lr=1e400"], ("clients.lr: got inf", "must be finite")),
+    "infinite_strategy_parameter": Case([*RUN, "--set", "strategy.name=fedprox", "--set", "strategy.mu=.inf"], ("strategy.mu: got inf", "must be finite")),
+    "negative_seed": Case([*RUN, "--set", "seed=-1"], ("seed: got -1", "greater than or equal to 0")),
+    "seed_past_32_bits": Case([*RUN, "--set", "seed=4294967296"], ("seed: got 4294967296", "less than 4294967296")),
+    "crash_in_evaluation_that_does_not_kill": Case([*RUN, "--set", "faults.crash.during=evaluation"], ("set kind=exit",)),
+    # own files: labels and images a model can take
+    "own_string_labels": Case([*RUN, "--set", "data.files={{mine: {tmp}/own.npz}}", "--set", "data.datasets=[mine]"],
+                              ("own.npz: train_labels holds str", "integers 0 … C−1"), setup="own_string_labels"),
+    "own_non_square_images": Case([*RUN, "--set", "data.files={{mine: {tmp}/own.npz}}", "--set", "data.datasets=[mine]"],
+                                  ("are 32×17", "square"), setup="own_non_square"),
+    "own_stray_label": Case([*RUN, "--set", "data.files={{mine: {tmp}/own.npz}}", "--set", "data.datasets=[mine]"],
+                            ("label 255 would make 256 classes of which only 4 occur", "relabel"), setup="own_stray_label"),
+    "own_file_missing_in_embedded_default": Case(["run", "--set", "data.files={{mine: {tmp}/absent.npz}}", "--set", "data.datasets=[mine]",
+                                                  "--set", "output_dir={tmp}/results"], ("data.files.mine", "does not exist")),
+    # output folders: refused before Ray starts, nothing created
+    "output_dir_is_a_file": Case([*RUN, "--set", "output_dir={tmp}/afile", "--set", "data.cache_dir=null"], ("output error", "afile is a file, not a folder"), setup="a_file"),
+    "output_dir_under_a_file": Case([*RUN, "--set", "output_dir={tmp}/afile/results", "--set", "data.cache_dir=null"], ("output error", "afile is a file, not a folder"), setup="a_file"),
+    "report_of_a_corrupt_rounds_file": Case(["report", "{tmp}/run"], ("rounds.parquet is corrupt", "restore the file"), setup="corrupt_rounds"),
+    "report_to_an_unwritable_place": Case(["report", "{tmp}/run", "--out", "{tmp}/afile/r.png"], ("--out's folder", "afile is a file"), setup="a_run_and_a_file"),
+    "report_out_is_a_folder": Case(["report", "{tmp}/run", "--out", "{tmp}"], ("is a folder; give the PNG file",), setup="a_run_and_a_file"),
 }
 
 
@@ -99,6 +121,7 @@ def _prepare(kind: str | None, tmp: Path, data_dir: Path, cfg_path: Path) -> Non
             (run / "checkpoint.safetensors").write_bytes(b"\x80\x05not a checkpoint")
         if kind == "checkpoint":
             _write_checkpoint(run, yaml.safe_load(cfg_path.read_text()), 2)
+            (run / "summary.json").write_text('{"status": "completed"}')  # finished (without it, a resume finishes the run)
     elif kind in ("pickle_checkpoint", "old_format", "foreign_checkpoint", "edited_config", "empty_config", "locked"):
         run = tmp / "run"
         run.mkdir()
@@ -120,6 +143,29 @@ def _prepare(kind: str | None, tmp: Path, data_dir: Path, cfg_path: Path) -> Non
         elif kind == "locked":
             _write_checkpoint(run, config, 1)
             (run / ".lock").write_text(f"1 {socket.gethostname()}")  # pid 1 is always alive
+    elif kind in ("own_string_labels", "own_non_square", "own_stray_label"):
+        arrays = {f"{sp}_{k}": v for sp in ("train", "val", "test") for k, v in
+                  (("images", np.zeros((12, 28, 28), np.uint8)), ("labels", (np.arange(12) % 3).reshape(-1, 1)))}
+        if kind == "own_string_labels":
+            arrays["train_labels"] = np.array(["benign", "malignant", "normal"] * 4).reshape(-1, 1)
+        elif kind == "own_non_square":
+            arrays.update({f"{sp}_images": np.zeros((12, 32, 17), np.uint8) for sp in ("train", "val", "test")})
+        else:
+            arrays["test_labels"] = np.array([0, 1, 2] * 3 + [0, 1, 255]).reshape(-1, 1)
+        np.savez(tmp / "own.npz", **arrays)
+    elif kind in ("a_file", "corrupt_rounds", "a_run_and_a_file"):
+        (tmp / "afile").write_text("a file where a folder should be")
+        if kind != "a_file":
+            run = tmp / "run"
+            run.mkdir()
+            shutil.copy(cfg_path, run / "config.yaml")
+            (run / "meta.json").write_text("{}")
+            if kind == "corrupt_rounds":
+                (run / "rounds.parquet").write_bytes(b"PAR1 not really")
+            else:
+                import pandas as pd
+
+                pd.DataFrame({"round": [1, 2], "train/loss": [0.7, 0.5], "global/mean/acc": [0.6, 0.7]}).to_parquet(run / "rounds.parquet")
     elif kind == "bomb":
         (tmp / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
             f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"

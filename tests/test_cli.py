@@ -70,7 +70,7 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p for p in (tmp_path / "results").glob("fedper-seed3-*") if p.is_dir()]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["rounds"] == 2 and saved["strategy"] == {"name": "fedper", "server_lr": 1.0, "weighting": "examples", "personal_layers": ["heads."]}
+    assert saved["rounds"] == 2 and saved["strategy"] == {"name": "fedper", "server_lr": 1.0, "weighting": "uniform", "personal_layers": ["heads."]}
     rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
     assert rounds["round"].tolist() == [1, 2]
     assert (rounds["comm/bytes_up"] > 0).all() and rounds["personal/client_mean/acc"].between(0, 1).all()
@@ -87,8 +87,10 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
 
     report = raymed("report", str(run_dir), "--out", str(tmp_path / "r.png"))
     assert report.returncode == 0 and (tmp_path / "r.png").stat().st_size > 10_000
-    assert "personal/client_mean/acc" in report.stdout
-    _assert_one_line_error(raymed("report", str(tmp_path)), "holds no rounds.parquet")
+    assert "mean of clients" in report.stdout and "fedper" in report.stdout and str(run_dir) in report.stdout
+    assert (run_dir / "summary.md").is_file()
+    (tmp_path / "no-runs").mkdir()
+    _assert_one_line_error(raymed("report", str(tmp_path / "no-runs")), "holds no rounds.parquet")
 
 
 @pytest.mark.slow

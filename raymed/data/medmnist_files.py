@@ -214,9 +214,23 @@ class MedMNISTRelease(Source):
 
     name = "medmnist"
     priority = 100
+    stand_in = True
 
     def claims(self, flag: str, d: DataConfig) -> bool:
         return True
+
+    def available(self, flag: str, d: DataConfig) -> bool:
+        path = find_file(flag, d.size, d.root)
+        if path is None:
+            return False
+        verify(path, flag, d.size, d.verify)  # a corrupt file is an error, never quietly replaced
+        return True
+
+    def fetchable(self, flag: str, d: DataConfig) -> bool:
+        return d.download is True or (d.download == "auto" and online(download_url(flag, d.size)))
+
+    def fetch(self, flag: str, d: DataConfig) -> DatasetFile:
+        return locate(flag, d.size, d.root, True, d.verify)
 
     def locate(self, flag: str, d: DataConfig) -> DatasetFile:
         return locate(flag, d.size, d.root, d.download, d.verify)

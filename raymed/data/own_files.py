@@ -63,6 +63,17 @@ def _read_npz(path_str: str, mtime_ns: int) -> dict[str, np.ndarray]:
         if len(labels) != len(images):
             raise DataError(f"{path}: {split}_images has {len(images)} rows but {split}_labels has {len(labels)}")
         labels = labels.reshape(len(labels), -1)
+        if labels.dtype.kind not in "biuf":
+            example = labels.flat[0].item() if labels.size else ""
+            raise DataError(
+                f"{path}: {split}_labels holds {labels.dtype.name} values such as {example!r}; class labels must be integers 0 … C−1 "
+                f"(map class names to integers, or use a CSV, whose label column may hold names)"
+            )
+        if images.ndim in (3, 4) and not (images.ndim == 4 and images.shape[-1] != 3) and images.shape[1] != images.shape[2]:
+            raise DataError(
+                f"{path}: {split}_images are {images.shape[1]}×{images.shape[2]} (height×width); raymed's models take square images: "
+                f"pad or resize them to a square, e.g. 28×28"
+            )
         if not np.issubdtype(labels.dtype, np.integer):
             if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
                 bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))].flat[0]
@@ -118,6 +129,12 @@ class OwnFiles(Source):
             kind, classes = "multilabel", labels.shape[1]
         else:
             classes = int(labels.max()) + 1
+            seen = np.unique(labels)
+            if classes > 2 and len(seen) * 2 < classes:  # most classes 0 … C−1 never occur: a stray value, not a class
+                raise DataError(
+                    f"{file.path}: label {int(labels.max())} would make {classes} classes of which only {len(seen)} occur "
+                    f"({', '.join(map(str, seen[:8]))}{' …' if len(seen) > 8 else ''}); class labels are 0 … C−1: relabel, or remove the stray row(s)"
+                )
             if classes < 2:
                 raise DataError(f"{file.path}: every label is {labels.max()}; a classification task needs at least two classes")
             kind = "binary" if classes == 2 else "multiclass"

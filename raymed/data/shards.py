@@ -288,54 +288,58 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if d.task == "report":
-        _attach_reports(cfg, files, tasks, train, val, test, clients, tmp, out)
-    index_rows = []
-    for flag, (x, y) in train.items():
-        order, offset = [], 0
-        for cid, rows_by_flag in enumerate(clients):
-            rows = rows_by_flag.get(flag)
-            if rows is None:
-                continue
-            local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng, groups[flag][rows] if flag in groups else None)
-            order += [rows[local], rows[local_val], rows[held]]
-            index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
-            offset += len(rows)
-        order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
-        _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
-    for name, splits in (("val", val), ("server", server), ("test", test)):
-        for flag, split in splits.items():
-            _write_arrow(tmp / f"{flag}.{name}.arrow", *split)
+    try:  # a failure part-way (a full disk) leaves no half-written temporary folder behind
+        if d.task == "report":
+            _attach_reports(cfg, files, tasks, train, val, test, clients, tmp, out)
+        index_rows = []
+        for flag, (x, y) in train.items():
+            order, offset = [], 0
+            for cid, rows_by_flag in enumerate(clients):
+                rows = rows_by_flag.get(flag)
+                if rows is None:
+                    continue
+                local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng, groups[flag][rows] if flag in groups else None)
+                order += [rows[local], rows[local_val], rows[held]]
+                index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
+                offset += len(rows)
+            order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
+            _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
+        for name, splits in (("val", val), ("server", server), ("test", test)):
+            for flag, split in splits.items():
+                _write_arrow(tmp / f"{flag}.{name}.arrow", *split)
 
-    cids, flags, offsets, n_train, n_val, n_hold = zip(*sorted(index_rows))
-    pq.write_table(
-        pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_val": n_val, "num_holdout": n_hold}),
-        tmp / "index.parquet",
-    )
+        cids, flags, offsets, n_train, n_val, n_hold = zip(*sorted(index_rows))
+        pq.write_table(
+            pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_val": n_val, "num_holdout": n_hold}),
+            tmp / "index.parquet",
+        )
 
-    def describe(f: DatasetFile) -> dict:
-        return {
-            "shape": list(test[f.flag][0].shape[1:]),
-            "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
-            "num_val": int(len(val[f.flag][0])) if f.flag in val else 0,
-            "val_source": ("own" if has_val_split(f) else f"carved from train ({d.val_fraction:g}, by image)") if f.flag in val else None,
-            "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
-            "num_test": int(len(test[f.flag][0])),
-            "file": str(f.path),
-            "md5": f.md5,
-            "synthetic": f.synthetic,
-            "task": asdict(tasks[f.flag]),
-            "class_counts": {name: class_counts(tasks[f.flag], split[f.flag][1]) for name, split in (("train", train), ("val", val), ("test", test))
-                             if f.flag in split and tasks[f.flag].kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")},
+        def describe(f: DatasetFile) -> dict:
+            return {
+                "shape": list(test[f.flag][0].shape[1:]),
+                "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
+                "num_val": int(len(val[f.flag][0])) if f.flag in val else 0,
+                "val_source": ("own" if has_val_split(f) else f"carved from train ({d.val_fraction:g}, by image)") if f.flag in val else None,
+                "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
+                "num_test": int(len(test[f.flag][0])),
+                "file": str(f.path),
+                "md5": f.md5,
+                "synthetic": f.synthetic,
+                "task": asdict(tasks[f.flag]),
+                "class_counts": {name: class_counts(tasks[f.flag], split[f.flag][1]) for name, split in (("train", train), ("val", val), ("test", test))
+                                 if f.flag in split and tasks[f.flag].kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")},
+            }
+
+        meta = {
+            "format": FORMAT_VERSION,
+            "num_clients": cfg.clients.num,
+            "datasets": {f.flag: describe(f) for f in files if f.flag in train},
+            "held_out": {f.flag: describe(f) for f in files if f.flag not in train},
         }
-
-    meta = {
-        "format": FORMAT_VERSION,
-        "num_clients": cfg.clients.num,
-        "datasets": {f.flag: describe(f) for f in files if f.flag in train},
-        "held_out": {f.flag: describe(f) for f in files if f.flag not in train},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(out)
     except OSError:  # another process built the same shard set first: theirs is identical

@@ -48,6 +48,9 @@ class Source(ABC):
 
     name: ClassVar[str]
     priority: ClassVar[int] = 50
+    # Whether a missing dataset of this source may be replaced by a synthetic stand-in in the embedded
+    # default (said in red everywhere); only the MedMNIST release can be, having a published layout.
+    stand_in: ClassVar[bool] = False
 
     @abstractmethod
     def claims(self, flag: str, d: DataConfig) -> bool:
@@ -64,6 +67,21 @@ class Source(ABC):
     @abstractmethod
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
         """The dataset's own task (classification, VQA, ...)."""
+
+    def available(self, flag: str, d: DataConfig) -> bool:
+        """Whether the dataset is on this machine now, without fetching anything. A file that is
+        there but corrupt is a DataError, never "absent"; by default a missing one is too (the
+        source's own one-line :meth:`locate` error), as only :attr:`stand_in` sources can go on without it."""
+        self.locate(flag, d)
+        return True
+
+    def fetchable(self, flag: str, d: DataConfig) -> bool:
+        """Whether a missing dataset can be fetched now, as the config allows (MedMNIST's download)."""
+        return False
+
+    def fetch(self, flag: str, d: DataConfig) -> DatasetFile:
+        """Fetch a missing dataset (only when :meth:`fetchable`); by default, :meth:`locate`."""
+        return self.locate(flag, d)
 
     def has_val_split(self, file: DatasetFile) -> bool:
         """Whether it ships a validation split (else one is carved out of its training rows)."""

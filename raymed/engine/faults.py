@@ -104,13 +104,19 @@ class FaultPlan:
     def maybe_crash(self, client: int, round_: int, attempt: int) -> None:
         """Fail as ``faults.crash`` says, on this client's first ``attempts`` tries of a round."""
         crash = self.faults.crash
-        if not self._hits(crash.clients, crash.rounds, client, round_) or attempt >= crash.attempts:
+        if crash.during != "training" or not self._hits(crash.clients, crash.rounds, client, round_) or attempt >= crash.attempts:
             return
         if crash.kind == "exit":
             os._exit(1)  # the whole worker process goes, as under the kernel's OOM killer
         if crash.kind == "hang":
             time.sleep(10**6)
         raise InjectedCrash(f"injected crash (faults.crash) of client {client} in round {round_}, try {attempt + 1}")
+
+    def maybe_crash_evaluating(self, client: int, round_: int, attempt: int) -> None:
+        """Kill this worker while it evaluates ``client`` (``faults.crash.during: evaluation``)."""
+        crash = self.faults.crash
+        if crash.during == "evaluation" and self._hits(crash.clients, crash.rounds, client, round_) and attempt < crash.attempts:
+            os._exit(1)
 
     def delay_s(self, client: int, round_: int) -> float:
         slow = self.faults.slow

@@ -12,6 +12,7 @@ changed since the previous checkpoint (:mod:`raymed.engine.checkpoint`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -28,13 +29,13 @@ from raymed.config import ExperimentConfig
 from raymed.data.shards import ShardSet, locate_sources, materialise
 from raymed.engine.checkpoint import CHECKPOINT_FILE, RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint, segment_path
 from raymed.engine.faults import check_faults
-from raymed.engine.runtime import PORTS, Placement, determinism, init_ray, plan_cluster
+from raymed.engine.runtime import JOINED, PORTS, Placement, determinism, init_ray, plan_cluster
 from raymed.engine.server import ServerActor
-from raymed.errors import ConfigError, DataError, find_user_error
+from raymed.errors import ConfigError, DataError, RunFailed, Terminated, find_user_error, os_error
 from raymed.methods import METHODS, build_method, has_server_model
 from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
 from raymed.results.selection import Selection
-from raymed.results.store import RunLock, RunWriter, run_id_of
+from raymed.results.store import RunLock, RunWriter, check_writable, run_id_of
 
 logger = logging.getLogger("raymed")
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -55,6 +56,9 @@ class Federation:
         self.cfg = cfg
         d = cfg.data
         files = locate_sources(d)
+        check_writable(resume if resume is not None else cfg.output_dir, "run folder" if resume is not None else "output_dir")
+        if cfg.data.cache_dir:
+            check_writable(cfg.data.cache_dir, "data.cache_dir")
         shard_dir = materialise(cfg, files)
         cfg = self.cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
         shards = ShardSet(shard_dir)
@@ -76,6 +80,7 @@ class Federation:
             "baseline_metrics": self.baseline_metrics,
             "worker_plan": self.plan.rows() if self.plan else None,
             "ray_ports": dict(PORTS),
+            **({"ray_cluster": dict(JOINED)} if cfg.ray.address else {}),
         }
         self.writer = RunWriter.reopen(cfg, resume, meta) if resume is not None else RunWriter(cfg, meta)
         try:
@@ -125,11 +130,14 @@ class Federation:
         meta = self.writer.meta
         data = {flag: {**file, **meta["splits"].get(flag, {})} for flag, file in meta["data_files"].items()}
         self.info = {"run_dir": self.run_dir, "num_workers": self.num_workers, "dashboard": self.dashboard,
-                     "worker_plan": self.plan.rows() if self.plan else None, "ports": dict(PORTS), "data": data, **described}
+                     "worker_plan": self.plan.rows() if self.plan else None, "ports": dict(PORTS), "data": data,
+                     "cluster": dict(JOINED) if self.cfg.ray.address else None, **described}
         return self.info
 
     def step(self) -> dict[str, Any]:
         """Run and log one round; returns its metrics."""
+        if self._writing is not None and not self._writing.thread.is_alive():
+            self.wait_for_checkpoint()  # the last checkpoint failed (a full disk): stop now, not rounds later
         result = ray.get(self.server.run_round.remote())
         self.writer.log_round(result)
         self.round = int(result["metrics"]["round"])
@@ -205,11 +213,18 @@ class Federation:
             logger.warning("the checkpoint of %s after round %s was not written: %s", self.name, self.round, exc)
             if status == "completed":  # the run's own last checkpoint: say so, close, then raise it
                 status, lost = f"failed: the checkpoint after round {self.round} was not written ({type(exc).__name__}: {exc})", exc
-        if self.checkpoints:
-            self.writer.add_meta(checkpoints=checkpoint_summary(self.checkpoints))
-        self.save_model()
-        self.writer.finish(status, selected=self.selection.summary(), baselines=self.baselines, baseline_metrics=self.baseline_metrics)
-        ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
+        try:
+            if self.checkpoints:
+                self.writer.add_meta(checkpoints=checkpoint_summary(self.checkpoints))
+            self.save_model()
+        except Exception as exc:  # a full disk: the summary below is still written (it is small), then this is raised
+            logger.warning("the model files of %s were not written: %s", self.name, exc)
+            if status == "completed":  # only a run that was otherwise fine raises this: the first error wins
+                status, lost = f"failed: the model files after round {self.round} were not written ({os_error(exc) or type(exc).__name__})", exc
+        try:
+            self.writer.finish(status, selected=self.selection.summary(), baselines=self.baselines, baseline_metrics=self.baseline_metrics)
+        finally:
+            ray.kill(self.server)  # its client workers and state actor are owned by it and go with it
         if lost is not None:
             raise lost
 
@@ -239,6 +254,12 @@ class Federation:
         else:
             status = f"stopped after round {self.round}"
         self.close(status)
+        if isinstance(exc, ray.exceptions.RayActorError) and find_user_error(exc) is None:
+            again = f"`raymed run --resume {self.run_dir}` continues from its last checkpoint" if self.cfg.engine.checkpoint_every else "rerun it"
+            raise RunFailed(
+                f"an actor of the run died ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}) after round "
+                f"{self.round}; its finished rounds are in {self.run_dir}: {again}"
+            ) from exc
         return False
 
 
@@ -282,9 +303,11 @@ def checkpoint_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def failure_status(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "interrupted (SIGTERM)"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    return f"failed: {find_user_error(exc) or type(exc).__name__ + ': ' + str(exc).splitlines()[0]}"
+    return f"failed: {find_user_error(exc) or os_error(exc) or type(exc).__name__ + ': ' + (str(exc).splitlines() or [''])[0]}"
 
 
 def run_experiment(
@@ -334,12 +357,21 @@ class ResumePoint:
             raise DataError(f"{run_dir / 'config.yaml'} is empty; the checkpoint holds this run's config: restore config.yaml from a copy, or rerun from the start")
         check_resume(run_dir, header, saved, config, run_id_of(run_dir))
         cfg = validate_config(apply_overrides(config, list(overrides or [])))
-        if saved["server"].round >= cfg.rounds:
+        if saved["server"].round >= cfg.rounds and _completed(run_dir):
             raise ConfigError(f"{run_dir} already finished round {saved['server'].round} of rounds={cfg.rounds}; --set rounds=N with a larger N to go on")
         return cls(run_dir, cfg, saved)
 
     def run(self, on_round: RoundCallback | None = None, on_start: Callable[[dict[str, Any]], None] | None = None) -> Path:
         return _drive(Federation(self.cfg, resume=self.run_dir), on_round, on_start, restore=self.saved)
+
+
+def _completed(run_dir: Path) -> bool:
+    """Whether the run's summary.json says it completed. A driver stopped after the last checkpoint
+    but before the summary leaves a run whose resume only finishes it (models, summary)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
 
 
 def _drive(

@@ -45,6 +45,9 @@ def free_port(host: str = "127.0.0.1", start: int | None = None, tries: int = 10
     raise ResourceError(f"no free port on {host}")
 
 
+JOINED: dict[str, str] = {}  # the cluster a run with ray.address joined: its address and session (printed at start)
+# Called after this process starts or joins Ray (the CLI puts its SIGTERM handler back over Ray's).
+AFTER_RAY_START: list = []
 PORTS: dict[str, int | None] = {}  # the ports this process's local Ray took (init_ray): printed at start, saved in meta.json
 
 
@@ -83,6 +86,25 @@ def _start_or_join(cfg: RayConfig, attempt: int, quiet: dict[str, Any]) -> Any:
     )
 
 
+def token_file() -> Path:
+    """Where Ray keeps the auth token of the clusters this user starts (``RAY_AUTH_TOKEN_PATH`` wins)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _guard_token(existed: bool) -> None:
+    """The token is a password to every local Ray of this user: one Ray wrote is made 0600; one that
+    was there before and that others can read is named in a warning (it is the user's file)."""
+    path = token_file()
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if not existed:
+        path.chmod(0o600)
+    elif mode & 0o077:
+        logger.warning("%s is readable by other users (mode %o): anyone who reads it can run code on your Ray; `chmod 600 %s`", path, mode, path)
+
+
 def init_ray(cfg: RayConfig) -> str | None:
     """Start or join Ray once per process; returns the dashboard URL when there is one.
 
@@ -99,8 +121,10 @@ def init_ray(cfg: RayConfig) -> str | None:
             # Local Rays of this machine start one at a time: the next picks its ports once the
             # previous holds its own (Ray's dashboard, started at the same moment as another, can hang).
             lock = contextlib.nullcontext() if cfg.address else _machine_lock("ray-start")
+            existed = token_file().exists()
             with lock:
                 context = _start_or_join(cfg, attempt, quiet)
+            _guard_token(existed)
             break
         except Exception as exc:  # Ray raises a bare Exception when its dashboard cannot bind
             if ray.is_initialized():
@@ -115,6 +139,11 @@ def init_ray(cfg: RayConfig) -> str | None:
                 else "another Ray may hold its ports (`ray status`); set ray.dashboard_port / ray.metrics_export_port, or ray.dashboard=false"
             )
             raise ResourceError(f"could not start or reach {where}: {exc}; {hint}") from None
+    for hook in list(AFTER_RAY_START):
+        hook()
+    if cfg.address:  # say which cluster this run joined: `auto` takes whatever Ray runs on this machine
+        info = getattr(context, "address_info", {}) or {}
+        JOINED.update(address=info.get("gcs_address") or info.get("address") or cfg.address, session=Path(info.get("session_dir") or "?").name)
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url else None
 

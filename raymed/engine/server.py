@@ -15,10 +15,12 @@ read and write directly: the server only passes its handle on and never receives
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -341,14 +343,13 @@ class ServerActor:
             self.decoder.load(weights)
             parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)
         else:
-            workers = [self.workers[i] for i in self.live_workers()]
-            chunks: list[list[EvalChunk]] = [[] for _ in workers]
+            chunks: list[list[EvalChunk]] = [[] for _ in self.live_workers()]
             for (split, flag), n in sizes.items():
-                step = math.ceil(n / len(workers))
+                step = math.ceil(n / len(chunks))
                 for i, start in enumerate(range(0, n, step)):
-                    chunks[i % len(workers)].append((split, flag, start, min(start + step, n)))
+                    chunks[i % len(chunks)].append((split, flag, start, min(start + step, n)))
             ref = ray.put(weights)
-            parts = sum(ray.get([w.evaluate_global.remote(ref, c) for w, c in zip(workers, chunks) if c]), [])
+            parts = sum(self._on_workers(lambda w, c, attempt: w.evaluate_global.remote(ref, c), chunks, "evaluating the global model"), [])
         parts.sort(key=lambda p: p[:3])  # (split, dataset, first row): chunks back in split order
         out: dict[str, float] = {}
         for split in EVAL_SPLITS:
@@ -369,6 +370,37 @@ class ServerActor:
                     out[f"{prefix}/mean/{name}"] = float(np.mean(values))
         return out
 
+    def _on_workers(self, call: Callable[[Any, list, int], Any], work: list[list], what: str) -> list[Any]:
+        """``call(worker, items, attempt)`` for each non-empty list of ``work``, spread over the live workers;
+        the answers in ``work``'s order. A worker that dies meanwhile (killed, out of memory) is
+        replaced and its items go again to a live worker, as a training client's are, up to
+        ``engine.client_retries`` times (``on_client_failure: retry``); otherwise the run stops, saying why."""
+        engine = self.cfg.engine
+        answers: dict[int, Any] = {}
+        pending = [(i, items) for i, items in enumerate(work) if items]
+        for attempt in itertools.count():
+            live = self.live_workers()
+            calls = [(i, items, live[k % len(live)]) for k, (i, items) in enumerate(pending)]
+            calls = [(i, items, w, call(self.workers[w], items, attempt)) for i, items, w in calls]
+            failed = []
+            for i, items, w, ref in calls:
+                try:
+                    answers[i] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    why = f"worker {w} died while {what} ({type(exc).__name__})"
+                    if engine.on_client_failure != "retry" or attempt >= engine.client_retries:
+                        raise ClientFailure(
+                            f"round {self.state.round}: {why}; set engine.on_client_failure=retry (and engine.client_retries) to evaluate on a "
+                            f"replacement worker, or `raymed run --resume RUN_DIR` to continue from the last checkpoint"
+                        ) from None
+                    if w not in {x for _, _, x in failed}:  # one replacement per dead worker
+                        self._replace_worker(w, why)
+                    failed.append((i, items, w))
+            pending = [(i, items) for i, items, _ in failed]
+            if not pending:
+                break
+        return [answers[i] for i in sorted(answers)]
+
     def _primary_metrics(self) -> list[str]:
         """The metric runs are summarised by (acc, psnr) when every dataset's task has the same one."""
         names = {t.primary_metric for t in self.shards.tasks.values()}
@@ -381,11 +413,9 @@ class ServerActor:
         limit = self.cfg.eval.personal_clients
         if limit is not None and len(clients) > limit:  # a seeded sample, the same clients every round
             clients = sorted(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(clients, limit, replace=False).tolist())
-        workers = [self.workers[i] for i in self.live_workers()]
-        groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(workers))
+        groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(self.live_workers()))
         ref = ray.put(self.method.broadcast(self.state))
-        futures = [w.evaluate_personalised.remote(ref, g) for w, g in zip(workers, groups) if g]
-        parts = sum(ray.get(futures), [])
+        parts = sum(self._on_workers(lambda w, g, attempt: w.evaluate_personalised.remote(ref, g, r, attempt), groups, "evaluating personalised models"), [])
         unseen = [part["client_id"] for part in parts if part.get("unseen")]
         parts = [part for part in parts if not part.get("unseen")]
         rows, pooled = [], {}

@@ -218,7 +218,7 @@ class ClientWorker:
             out.append(task.scores(self.model.predict(x, flag)))
         return np.concatenate(out)
 
-    def evaluate_personalised(self, payload: Weights, client_ids: list[int]) -> list[dict[str, Any]]:
+    def evaluate_personalised(self, payload: Weights, client_ids: list[int], round_: int = 0, attempt: int = 0) -> list[dict[str, Any]]:
         """Each client's personalised model on its own validation rows (``split`` val) and held-out
         rows (``split`` test): scores and labels per dataset; a client whose personalised model would
         be the seeded initial one (never sampled yet, under a method with personal state) is only named."""
@@ -229,6 +229,7 @@ class ClientWorker:
         states = self.states.get_many(client_ids) if personal else [None] * len(client_ids)
         loaded = False
         for client_id, state in zip(client_ids, states):
+            self.faults.maybe_crash_evaluating(client_id, round_, attempt)
             if state is None and personal:
                 results.append({"client_id": client_id, "unseen": True})
                 continue

@@ -11,7 +11,8 @@ With the server learning rate η_s = 1 this is the paper's weighted model averag
 w_{t+1} = Σ n_k w_k / Σ n_k. ``weighting: uniform`` replaces n_k by 1 (the mean of the client
 objectives rather than of the examples): with ``clients.local_steps`` every client takes the same
 number of steps, and n_k-weighting would let the clients with the most rows, here the largest
-modality, drive the shared layers alone. Parameters a client does not train (the heads of datasets it does not
+modality, drive the shared layers alone. raymed's defaults are K = 20 local steps and the uniform
+mean (``weighting: examples`` with ``clients.local_epochs`` is the paper's). Parameters a client does not train (the heads of datasets it does not
 hold) are not sent, so each head is averaged over the clients that hold its dataset.
 """
 
@@ -40,7 +41,9 @@ class FedAvgParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     server_lr: float = Field(1.0, gt=0, description="η_s, the step the server takes along the mean update")
     weighting: Literal["examples", "uniform"] = Field(
-        "examples", description="a client's weight in the mean update: n_k, its training rows (the paper), or 1"
+        "uniform",
+        description="a client's weight in the mean update: 1 (every client alike: under clients.local_steps, the default, each takes the "
+        "same steps), or n_k, its training rows (the paper's, for local_epochs)",
     )
 
 

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from raymed.results.baselines import at_or_below
 from raymed.results.metrics import is_validation, val_twin
@@ -80,36 +81,127 @@ def baselines_of(run: dict[str, Any]) -> dict[str, float]:
     return run["summary"].get("baseline_metrics") or run["meta"].get("baseline_metrics") or {}
 
 
-def summary_table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> Table:
-    """One row per metric, one column per run (several strategies side by side), the baseline first.
-    Values are test metrics at each run's round selected on validation; ▼ marks one at or below its
-    baseline (a model that learned nothing scores the baseline)."""
-    synthetic = any(r["meta"].get("synthetic") for r in runs)
-    title = "test metrics at the round selected on validation" + (" — SYNTHETIC DATA: not real MedMNIST results" if synthetic else "")
-    table = Table(title=title, caption=f"baseline: majority class (personal: each client's own majority); {BELOW} at or below it")
-    table.add_column("metric")
-    table.add_column("baseline", justify="right", style="dim")
+def _run_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Short names of runs in a table: the strategy, with the seed (or a number) when two share it."""
+    names = [r["config"]["strategy"]["name"] for r in runs]
+    seeded = [f"{n} s{r['config'].get('seed', 0)}" for n, r in zip(names, runs)]
+    for candidate in (names, seeded):
+        if len(set(candidate)) == len(candidate):
+            return candidate
+    return [f"{n} #{i + 1}" for i, n in enumerate(seeded)]
+
+
+def _split_metric(metric: str) -> tuple[str, str, str]:
+    """``personal/client_mean/acc`` → (personal, client mean, acc); ``global/breastmnist/auc`` → (global, breastmnist, auc)."""
+    scope, rest = metric.split("/", 1)
+    where, name = rest.rsplit("/", 1)
+    return scope, {"mean": "mean of datasets", "client_mean": "mean of clients"}.get(where, where), name
+
+
+def result_rows(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, Any]:
+    """The results of ``runs`` as plain rows, for the terminal table and summary.md alike.
+
+    ``runs``: one row per run (selection, rounds, loss, traffic); ``results``: one row per (model,
+    dataset, run or baseline) with a column per metric name, test values at the round selected on
+    validation (and a ``(val)`` row under each summary row: what selection read). A value at or below
+    its baseline carries ``below``. Names are never longer than a dataset's or a metric's own."""
+    labels = _run_labels(runs)
     chosen = [selected_metrics(r) for r in runs]
     baselines = [baselines_of(r) for r in runs]
-    for run in runs:
-        table.add_column(f"{run['config']['strategy']['name']}\n{run['dir'].name}", justify="right")
-    for row in ("selected_on", "selected_round", "rounds"):
-        table.add_row(row, "", *(_fmt(c.get(row)) for c in chosen))
-    present = set().union(*(set(r["rounds"].columns) for r in runs))
-    rows = []
-    for metric in _metric_columns(runs, metrics):
-        rows.append(metric)
-        if metric.startswith(_SUMMARY) and val_twin(metric) in present:
-            rows.append(val_twin(metric))  # what the round was selected on, beside its test value
-    for metric in ["train/loss", *rows, "MB up+down"]:
-        base = next((b[metric] for b in baselines if metric in b), None)
-        cells = []
-        for values, own in zip(chosen, baselines):
-            value = values.get(metric)
-            flagged = at_or_below(metric, value, own)
-            cells.append(f"[red]{_fmt(value)} {BELOW}[/red]" if flagged else _fmt(value))
-        table.add_row(metric, _fmt(base), *cells)
-    return table
+    run_rows = [
+        {"run": label, "selected on": c.get("selected_on"), "round": c.get("selected_round"), "rounds": c.get("rounds"),
+         "train loss": c.get("train/loss"), "MB up+down": c.get("MB up+down"), "folder": str(r["dir"]),
+         "synthetic": bool(r["meta"].get("synthetic"))}
+        for label, c, r in zip(labels, chosen, runs)
+    ]
+    tested = _metric_columns(runs, metrics)
+    names: list[str] = []
+    groups: dict[tuple[str, str], dict[str, str]] = {}  # (model, dataset) -> metric name -> full key
+    for key in tested:
+        scope, where, name = _split_metric(key)
+        groups.setdefault((scope, where), {})[name] = key
+        if name not in names:
+            names.append(name)
+    results = []
+    for (scope, where), keys in groups.items():
+        summary = next(iter(keys.values())).startswith(_SUMMARY)
+        variants = [("", lambda k: k), ("(val)", val_twin)] if summary else [("", lambda k: k)]
+        for suffix, name_of in variants:
+            base_row = {"model": scope, "dataset": where, "run": " ".join(filter(None, ["baseline", suffix])), "values": {}, "below": set(), "baseline": True}
+            rows = []
+            for label, values, own in zip(labels, chosen, baselines):
+                row = {"model": scope, "dataset": where, "run": " ".join(filter(None, [label, suffix])), "values": {}, "below": set(), "baseline": False}
+                for name, key in keys.items():
+                    value = values.get(name_of(key))
+                    row["values"][name] = value
+                    if at_or_below(name_of(key), value, own):
+                        row["below"].add(name)
+                    if name_of(key) in own and name not in base_row["values"]:
+                        base_row["values"][name] = own[name_of(key)]
+                rows.append(row)
+            rows = [row for row in rows if any(v is not None for v in row["values"].values())]
+            if not rows:
+                continue  # FedPer has no global model: no "global" row for it
+            results.extend([*rows, base_row] if base_row["values"] else rows)
+    return {"runs": run_rows, "results": results, "metrics": names}
+
+
+def _title(runs: list[dict[str, Any]]) -> str:
+    synthetic = any(r["meta"].get("synthetic") for r in runs)
+    return "test metrics at the round selected on validation" + (" — SYNTHETIC DATA: not real MedMNIST results" if synthetic else "")
+
+
+CAPTION = f"baseline: majority class (personal: each client's own majority); {BELOW} at or below it; (val): the validation split selection read"
+
+
+def summary_table(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> Group:
+    """Two tables that fit any width without cutting a name: the runs (selection, rounds, traffic),
+    then one row per model × dataset × run with a column per metric (the baseline's row under each
+    group; ▼ marks a value at or below its baseline). The full run folders follow, one a line."""
+    built = result_rows(runs, metrics)
+    overview = Table(title="runs", title_justify="left")
+    for col in ("run", "selected on", "round", "rounds", "train loss", "MB up+down"):
+        overview.add_column(col, overflow="fold", justify="left" if col in ("run", "selected on") else "right")
+    for row in built["runs"]:
+        overview.add_row(*(_fmt(row[c]) for c in ("run", "selected on", "round", "rounds", "train loss", "MB up+down")))
+    table = Table(title=_title(runs), title_justify="left", caption=CAPTION, caption_justify="left")
+    for col in ("model", "dataset", "run"):
+        table.add_column(col, overflow="fold")
+    for name in built["metrics"]:
+        table.add_column(name, justify="right", overflow="fold")
+    previous = None
+    for row in built["results"]:
+        group = (row["model"], row["dataset"])
+        if previous is not None and group != previous:
+            table.add_section()
+        cells = [
+            f"[red]{_fmt(row['values'].get(n))} {BELOW}[/red]" if n in row["below"] else _fmt(row["values"].get(n))
+            for n in built["metrics"]
+        ]
+        first = group != previous
+        table.add_row(row["model"] if first else "", row["dataset"] if first else "", row["run"], *cells, style="dim" if row["baseline"] else None)
+        previous = group
+    folders = Text("\n".join(f"{r['run']}: {r['folder']}" + (" (SYNTHETIC DATA)" if r["synthetic"] else "") for r in built["runs"]))
+    return Group(overview, table, Text("run folders:"), folders)
+
+
+def summary_markdown(runs: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
+    """The same tables as Markdown (summary.md in each run folder)."""
+    built = result_rows(runs, metrics)
+
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return out + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+
+    cols = ["run", "selected on", "round", "rounds", "train loss", "MB up+down"]
+    lines = ["# " + _title(runs), "", *table(cols, [[_fmt(r[c]) for c in cols] for r in built["runs"]]), ""]
+    rows = [
+        [r["model"], r["dataset"], r["run"], *(_fmt(r["values"].get(n)) + (f" {BELOW}" if n in r["below"] else "") for n in built["metrics"])]
+        for r in built["results"]
+    ]
+    lines += [*table(["model", "dataset", "run", *built["metrics"]], rows), "", CAPTION, ""]
+    lines += [f"- {r['run']}: `{r['folder']}`" + (" (SYNTHETIC DATA)" if r["synthetic"] else "") for r in built["runs"]]
+    return "\n".join(lines) + "\n"
 
 
 def plot_runs(runs: list[dict[str, Any]], path: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> Path:
@@ -161,7 +253,27 @@ def plot_runs(runs: list[dict[str, Any]], path: str | Path, metrics: tuple[str, 
     return path
 
 
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """The run folders named by ``paths``: each a run folder, or a folder with runs beneath it (the
+    default run's ``results/``, a sweep's storage folder): every folder holding a rounds.parquet,
+    in name order; everything else is ignored. A path with no run at all is a one-line error."""
+    from raymed.errors import RaymedError
+
+    found: list[Path] = []
+    for given in map(Path, paths):
+        if not given.is_dir():
+            raise RaymedError(f"{given} is not a folder; give run folders, or a folder that holds runs (e.g. results/)")
+        if (given / "rounds.parquet").is_file():
+            found.append(given)
+            continue
+        beneath = sorted(p.parent for p in given.rglob("rounds.parquet") if (p.parent / "config.yaml").is_file())
+        if not beneath:
+            raise RaymedError(f"{given} holds no rounds.parquet, in it or beneath it; give the folder of a raymed run or one that holds runs")
+        found.extend(beneath)
+    return list(dict.fromkeys(found))
+
+
 def report(folders: list[str | Path], out: str | Path, console: Console | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS) -> Path:
-    runs = [read_run(f) for f in folders]
+    runs = [read_run(f) for f in run_folders(folders)]
     (console or Console()).print(summary_table(runs, metrics))
     return plot_runs(runs, out, metrics)

@@ -10,6 +10,7 @@
     clients/round-NNNN.parquet      per-client training records of round NNNN
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
+    summary.md               the result tables (runs; model x dataset rows, a column per metric, baselines)
     summary.json             status (completed / failed: why / interrupted), the round selected on
                              validation and its metrics, the last round's metrics, baselines, wall time
     checkpoint.safetensors   the checkpoint (every engine.checkpoint_every rounds): server state,
@@ -25,6 +26,7 @@ is interrupted keeps every finished round.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -59,6 +61,32 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def _atomic_json(data: Any, path: Path) -> None:
     atomic_write(path, json.dumps(data, indent=1, default=str))
+
+
+def check_writable(folder: str | Path, key: str = "output_dir") -> None:
+    """Refuse, in one line before anything starts, a folder raymed cannot write into: a file in its
+    place or above it, no permission, a read-only or full file system. Nothing is created: a small
+    probe file in the folder (or its nearest existing parent) is removed at once."""
+    import errno
+    import tempfile
+
+    from raymed.errors import OutputError
+
+    folder = Path(folder)
+    setter = f" (--set {key}=...)" if " " not in key else ""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:  # the folder is made later, when the run starts
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise OutputError(f"{key} {folder}: {existing} is a file, not a folder; move the file or choose another folder{setter}")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".raymed-probe-") as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        hint = "free space, or choose another folder" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you can write"
+        raise OutputError(f"{key} {folder} cannot be written ({exc.strerror or exc}); {hint}{setter}") from None
 
 
 LOCK_FILE = ".lock"
@@ -195,8 +223,8 @@ class RunWriter:
 
     def log_round(self, result: dict[str, Any]) -> None:
         metrics = result["metrics"]
-        self.rounds.append(metrics)
-        self._write_rounds()
+        self._write_rounds([*self.rounds, metrics])
+        self.rounds.append(metrics)  # only once on disk: summary.json's count always agrees with rounds.parquet
         r = int(metrics["round"])
         for part in ("clients", "evaluation"):
             if result.get(part):
@@ -212,8 +240,9 @@ class RunWriter:
         if self.rounds:
             self._write_rounds()
 
-    def _write_rounds(self) -> None:
-        _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(self.rounds), preserve_index=False), self.dir / "rounds.parquet")
+    def _write_rounds(self, rounds: list[dict[str, float]] | None = None) -> None:
+        rows = self.rounds if rounds is None else rounds
+        _atomic_parquet(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), self.dir / "rounds.parquet")
 
     def finish(self, status: str, **extra: Any) -> dict[str, Any]:
         """summary.json: the status, the last round's metrics (``final``) and what the driver adds:
@@ -226,8 +255,19 @@ class RunWriter:
             **extra,
         }
         _atomic_json(summary, self.dir / "summary.json")
+        if self.rounds:
+            self._write_summary_md()
         self.lock.release()
         return summary
+
+    def _write_summary_md(self) -> None:
+        """summary.md: the run's result tables as the terminal shows them, in Markdown."""
+        from raymed.results.report import summary_markdown
+
+        try:
+            atomic_write(self.dir / "summary.md", summary_markdown([read_run(self.dir)]))
+        except OSError as exc:  # summary.json and rounds.parquet hold the same numbers
+            logging.getLogger("raymed").warning("summary.md not written in %s: %s", self.dir, exc)
 
 
 def read_run(folder: str | Path) -> dict[str, Any]:
@@ -237,10 +277,22 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         from raymed.errors import RaymedError
 
         raise RaymedError(f"{folder} holds no rounds.parquet; give the folder of a raymed run")
+    from raymed.errors import RaymedError
+
+    def read(name: str, parse: Any, default: Any = None) -> Any:
+        path = folder / name
+        if default is not None and not path.exists():
+            return default
+        try:
+            return parse(path)
+        except Exception as exc:  # pyarrow, json and YAML errors, a missing file
+            why = "is missing" if isinstance(exc, FileNotFoundError) else f"is corrupt ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+            raise RaymedError(f"{path} {why}; this run folder cannot be read: restore the file from a copy, or leave the run out") from None
+
     return {
         "dir": folder,
-        "config": safe_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml")),
-        "meta": json.loads((folder / "meta.json").read_text()),
-        "rounds": pq.read_table(folder / "rounds.parquet").to_pandas(),
-        "summary": json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {},
+        "config": read("config.yaml", lambda p: safe_yaml(p.read_text(), str(p)) or {}),
+        "meta": read("meta.json", lambda p: json.loads(p.read_text())),
+        "rounds": read("rounds.parquet", lambda p: pq.read_table(p).to_pandas()),
+        "summary": read("summary.json", lambda p: json.loads(p.read_text()), default={}),
     }
