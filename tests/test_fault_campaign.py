@@ -93,7 +93,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_with_exit_143_and_a_private_token(dat
 def test_a_killed_server_actor_says_how_to_resume_and_the_resume_finishes(data_dir, tmp_path):
     cfg = small_config(data_dir, tmp_path, "rounds=6").to_dict()
     proc = _start(tmp_path, cfg)
-    _wait_for_round(proc, 1, 6)
+    _wait_for_round(proc, 2, 6)  # round 1's checkpoint is on disk once round 2 has begun its own
     driver = psutil.Process(proc.pid)
     servers = [p for p in driver.children(recursive=True) if "ServerActor" in " ".join(p.cmdline())]
     assert servers, [" ".join(p.cmdline())[:80] for p in driver.children(recursive=True)]

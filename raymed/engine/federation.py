@@ -255,7 +255,8 @@ class Federation:
             status = f"stopped after round {self.round}"
         self.close(status)
         if isinstance(exc, ray.exceptions.RayActorError) and find_user_error(exc) is None:
-            again = f"`raymed run --resume {self.run_dir}` continues from its last checkpoint" if self.cfg.engine.checkpoint_every else "rerun it"
+            saved = (self.run_dir / CHECKPOINT_FILE).is_file()
+            again = f"`raymed run --resume {self.run_dir}` continues from its last checkpoint" if saved else "no checkpoint was written yet: rerun it"
             raise RunFailed(
                 f"an actor of the run died ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}) after round "
                 f"{self.round}; its finished rounds are in {self.run_dir}: {again}"
