@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterator
 
 
 class RaymedError(Exception):
@@ -62,9 +63,8 @@ _OS_HINTS = {
 }
 
 
-def os_error(exc: BaseException) -> OutputError | None:
-    """The full-disk, permission or path error behind ``exc`` (an OSError anywhere in its chain, or a
-    safetensors error that carries an OS error code) as one line naming the path; None otherwise."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it: Ray's task-error wrappers (``cause``) and Python's chains."""
     seen: set[int] = set()
     stack = [exc]
     while stack:
@@ -72,31 +72,30 @@ def os_error(exc: BaseException) -> OutputError | None:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
+        yield cur
+        stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
+
+
+def os_error(exc: BaseException) -> OutputError | None:
+    """The full-disk, permission or path error behind ``exc`` (an OSError anywhere in its chain, or a
+    safetensors error that carries an OS error code) as one line naming the path; None otherwise."""
+    for cur in _chain(exc):
         code = getattr(cur, "errno", None) if isinstance(cur, OSError) else None
         if code is None and type(cur).__name__ == "SafetensorError":
             found = re.search(r"code: (\d+)", str(cur))
             code = int(found.group(1)) if found else None
         if code in _OS_HINTS:
             where = getattr(cur, "filename", None)
-            what = os.strerror(code)
-            return OutputError(f"{what}{f': {where}' if where else ''}; {_OS_HINTS[code]}")
-        stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
+            return OutputError(f"{os.strerror(code)}{f': {where}' if where else ''}; {_OS_HINTS[code]}")
     return None
 
 
 def find_user_error(exc: BaseException) -> RaymedError | None:
     """The RaymedError behind ``exc``, looking through Ray's task-error wrappers and exception chains."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        cause = getattr(cur, "cause", None)  # Ray's task errors carry the original exception here
+    for cur in _chain(exc):
+        cause = getattr(cur, "cause", None)  # Ray's task error is an instance of its cause's class too: take the original
         if isinstance(cause, RaymedError):
             return cause
         if isinstance(cur, RaymedError):
             return cur
-        stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
     return None
