@@ -398,6 +398,9 @@ class EvalConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: start a local Ray; "auto" or "ray://host:port": join a cluster
+    # Joining a cluster whose token authentication is off (anyone who reaches it runs code on it) is
+    # refused unless this is true.
+    allow_unauthenticated: bool = False
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local Ray (default: all cores)
     num_gpus: int | None = Field(None, ge=0)  # logical GPUs of a local Ray (default: those torch sees)
     dashboard: bool = True

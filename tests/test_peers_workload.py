@@ -31,7 +31,7 @@ def test_bare_loop_does_the_work_of_a_raymed_fedavg_round(data_dir, tmp_path, ra
         data_dir, tmp_path,
         "data.datasets=[pneumoniamnist]", "data.partition=dirichlet", "data.alpha=0.5",
         "clients.num=8", "clients.fraction=0.5", "clients.batch_size=512", "rounds=1", "data.augment=false",
-        "eval.personalised=false",
+        "eval.personalised=false", "strategy.weighting=examples",  # n_k-weighted, as the bare loop (and Flower, pfl) weigh
     )  # fmt: skip
     peers.export_workload(cfg, tmp_path / "workload")
     wl = workload.load(tmp_path / "workload", threads=1)

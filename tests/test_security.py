@@ -51,3 +51,51 @@ def test_no_secret_lands_in_a_run_folder(data_dir, tmp_path, ray_session, monkey
             blob = path.read_bytes()
             assert token.encode() not in blob, path
             assert b"s3cr3t-value-that-must-not-leak" not in blob, path
+
+
+def test_joining_a_cluster_without_token_auth_is_refused_unless_asked(data_dir, tmp_path):
+    """`--address` to a Ray whose token authentication is off: one line naming the cluster and the
+    switch, exit 2, before any run folder; the probe tells an open cluster from a closed one."""
+    import signal
+    import time
+
+    import yaml
+
+    from raymed.engine.runtime import cluster_is_open
+
+    import shutil
+    import tempfile
+
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rm-", dir="/tmp")  # Ray's socket paths must stay under 108 characters
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        for _ in range(60):
+            if head.poll() is not None:
+                raise AssertionError(f"ray start --head exited with {head.returncode}")
+            if cluster_is_open(address):
+                break
+            time.sleep(2)
+        else:
+            raise AssertionError("the open Ray head did not come up")
+        from tests.conftest import small_config
+
+        cfg = tmp_path / "exp.yaml"
+        cfg.write_text(yaml.safe_dump(small_config(data_dir, tmp_path).to_dict()))
+        proc = subprocess.run([sys.executable, "-m", "raymed", "run", str(cfg), "--address", address], capture_output=True, text=True, timeout=300,
+                              env={k: v for k, v in os.environ.items() if k != "RAYMED_DEBUG"})
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("raymed: ")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert "has token authentication off" in lines[0] and "ray.allow_unauthenticated=true" in lines[0] and str(port) in lines[0]
+        assert not (tmp_path / "results").exists() or not any(p for p in (tmp_path / "results").iterdir() if not p.name.startswith("."))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)  # the head's own processes, whatever survived
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -105,6 +105,29 @@ def _guard_token(existed: bool) -> None:
         logger.warning("%s is readable by other users (mode %o): anyone who reads it can run code on your Ray; `chmod 600 %s`", path, mode, path)
 
 
+_OPEN_PROBE = (
+    "import sys\n"
+    "from ray._raylet import GcsClient\n"
+    "GcsClient(address=sys.argv[1]).internal_kv_keys(b'', namespace=None, timeout=10)\n"
+    "print('OPEN')\n"
+)
+
+
+def cluster_is_open(gcs_address: str) -> bool:
+    """Whether the Ray cluster at ``gcs_address`` answers a request that carries no token, i.e. its
+    token authentication is off (asked from a separate process with no token at all)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN",)}
+    env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH=os.devnull + ".absent")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _OPEN_PROBE, gcs_address], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        return False
+    return "OPEN" in proc.stdout
+
+
 def init_ray(cfg: RayConfig) -> str | None:
     """Start or join Ray once per process; returns the dashboard URL when there is one.
 
@@ -144,6 +167,13 @@ def init_ray(cfg: RayConfig) -> str | None:
     if cfg.address:  # say which cluster this run joined: `auto` takes whatever Ray runs on this machine
         info = getattr(context, "address_info", {}) or {}
         JOINED.update(address=info.get("gcs_address") or info.get("address") or cfg.address, session=Path(info.get("session_dir") or "?").name)
+        if info.get("gcs_address") and not cfg.allow_unauthenticated and cluster_is_open(info["gcs_address"]):
+            ray.shutdown()
+            raise ResourceError(
+                f"the Ray cluster at {JOINED['address']} (session {JOINED['session']}, joined by ray.address={cfg.address}) has token "
+                f"authentication off: anyone who reaches it can run code on it; start it with RAY_AUTH_MODE=token (README, Security), "
+                f"or join it anyway with --set ray.allow_unauthenticated=true"
+            )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url else None
 

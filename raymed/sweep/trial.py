@@ -65,6 +65,9 @@ def run_trial(params: dict[str, Any], experiment: dict[str, Any], metric: str, c
                 "placement_group": ray.get_runtime_context().get_placement_group_id(),
                 "worker_placement_groups": ",".join(sorted({str(w["placement_group"]) for w in info["workers"]})),
             }
+            # Tune copies the working directory (with the run folder) to storage on report: let the run
+            # folder's own checkpoint, written in the background, land first, so no file changes mid-copy.
+            federation.wait_for_checkpoint()
             if r == cfg.rounds or federation.stopped_early or (checkpoint_every and r % checkpoint_every == 0):
                 with tempfile.TemporaryDirectory() as folder:
                     federation.checkpoint(folder)
