@@ -69,9 +69,11 @@ class DataConfig(Section):
     min_examples: int = Field(2, ge=2)
     max_train_per_dataset: int | None = Field(None, ge=1)
     max_test_per_dataset: int | None = Field(None, ge=1)  # caps the validation split too
-    # Training-time augmentation suited to each modality (raymed.data.augment: flips only where
-    # anatomy has no side, small affine jitter elsewhere); none at evaluation.
-    augment: bool = True
+    # Training-time augmentation (raymed.data.augment), none at evaluation. medmnist: each MedMNIST 2D
+    # modality's own policy (flips only where anatomy has no side), the generic one for your own data;
+    # generic: left-right flips and small shifts, rotations and zooms for every 2D and 3D dataset;
+    # none: off (e.g. where orientation carries the label). true/false mean medmnist/none.
+    augment: Literal["none", "medmnist", "generic"] = "medmnist"
     # Pixel scaling: fixed maps [0, 255] to [-1, 1] (MedMNIST's own mean 0.5, std 0.5); dataset
     # standardises each channel by its training rows' mean and std.
     normalise: Literal["fixed", "dataset"] = "dataset"
@@ -105,6 +107,11 @@ class DataConfig(Section):
         if len(set(flags)) != len(flags):
             raise ValueError("lists a dataset twice")
         return flags
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_switch(cls, value: Any) -> Any:
+        return {True: "medmnist", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @property
     def mixes_dimensions(self) -> bool:
@@ -165,6 +172,9 @@ class ClientsConfig(Section):
     # None: local_epochs passes over the client's rows per round. A config that sets local_epochs
     # and not local_steps trains by epochs (local_steps becomes None).
     local_steps: int | None = Field(20, ge=1)
+    # With local_steps: at most this many passes over the client's own rows per round, so a 49-row
+    # client is not driven through 13 epochs by a step count sized for large clients. None: no cap.
+    max_local_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"  # local optimiser, fresh every round (adamw suits transformer decoders)
@@ -192,11 +202,21 @@ class ClientsConfig(Section):
         """Clients sampled per round (fewer when fewer are online)."""
         return clients_per_round(self.num, self.fraction)
 
+    def steps_per_round(self, batches_per_epoch: int) -> int | None:
+        """Optimiser steps of a client whose one pass is ``batches_per_epoch`` batches: local_steps,
+        capped at max_local_epochs passes (at least one step); None under local_epochs."""
+        if self.local_steps is None:
+            return None
+        if self.max_local_epochs is None:
+            return self.local_steps
+        return max(1, min(self.local_steps, math.ceil(self.max_local_epochs * batches_per_epoch)))
+
     def examples_per_round(self, num_train: int) -> int:
         """Training examples a client of ``num_train`` rows passes through in one round."""
         if self.local_steps is None:
             return num_train * self.local_epochs
-        return round(self.local_steps * num_train / max(math.ceil(num_train / self.batch_size), 1))
+        batches = max(math.ceil(num_train / self.batch_size), 1)
+        return round(self.steps_per_round(batches) * num_train / batches)
 
     def lr_at(self, round_: int, rounds: int) -> float:
         """The local learning rate of round ``round_`` (1-based) of ``rounds`` under ``lr_schedule``."""

@@ -83,16 +83,41 @@ def test_augmentation_keeps_anatomy_sides_and_is_seeded():
     assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
 
 
+def test_generic_augmentation_keeps_shapes_and_labels_in_2d_and_3d_and_follows_the_switch(data_dir, tmp_path):
+    from raymed.config import load_config
+    from raymed.data.augment import GENERIC
+
+    rng = np.random.default_rng(0)
+    for shape in ((6, 1, 28, 28), (6, 3, 28, 28), (4, 1, 16, 28, 28)):
+        x = torch.rand(*shape) * 2 - 1
+        y = augment(x, GENERIC, np.random.default_rng(3))
+        assert y.shape == x.shape and y.dtype == x.dtype and not y.equal(x) and y.abs().max() <= 1 + 1e-6
+        assert y.equal(augment(x, GENERIC, np.random.default_rng(3)))  # seeded
+    mirrored = augment(torch.arange(8.0).view(1, 1, 1, 2, 4), Policy(hflip=True), rng)
+    assert mirrored.flatten().tolist() in ([0, 1, 2, 3, 4, 5, 6, 7], [3, 2, 1, 0, 7, 6, 5, 4])  # within each slice
+    assert policy_for("pneumoniamnist") == POLICIES["pneumoniamnist"] and policy_for("my_scans") == GENERIC
+    assert policy_for("adrenalmnist3d") is None and policy_for("adrenalmnist3d", "generic") == GENERIC
+    assert policy_for("pneumoniamnist", "generic") == GENERIC and policy_for("my_scans", "none") is None
+    assert [load_config(None, [f"data.augment={v}"]).data.augment for v in ("true", "false", "generic")] == ["medmnist", "none", "generic"]
+    # labels ride along untouched: the batch's rows are the same rows, augmented or not
+    cfg = small_config(data_dir, tmp_path, "data.max_train_per_dataset=60", "data.augment=generic")
+    _, _, _, _, _, context = prepared_method(cfg)
+    ctx = context(0)
+    with_aug = [(flag, y) for flag, _, y in ctx.batches()]
+    ctx.augment, ctx._rng = "none", None
+    assert [(flag, y.tolist()) for flag, _, y in ctx.batches()] == [(flag, y.tolist()) for flag, y in with_aug]
+
+
 def test_training_batches_are_augmented_and_evaluation_rows_are_not(data_dir, tmp_path):
     cfg = small_config(data_dir, tmp_path, "data.max_train_per_dataset=60")
     _, _, _, _, shards, context = prepared_method(cfg)
     plain = [x for _, x, _ in context(0).batches(shuffle=False)]
     ctx = context(0)
-    ctx.augment = True
+    ctx.augment = "medmnist"
     assert [x for _, x, _ in ctx.batches(shuffle=False)][0].equal(plain[0])  # only shuffled training batches
-    ctx.augment, ctx._rng = True, None
+    ctx.augment, ctx._rng = "medmnist", None
     augmented = [x for _, x, _ in ctx.batches()]
-    ctx.augment, ctx._rng = False, None
+    ctx.augment, ctx._rng = "none", None
     raw = [x for _, x, _ in ctx.batches()]
     assert len(augmented) == len(raw) and not all(a.equal(r) for a, r in zip(augmented, raw))
 
@@ -116,6 +141,14 @@ def test_local_steps_take_exactly_k_batches_over_successive_passes(data_dir, tmp
         assert rows == fresh[: len(rows)]  # the same seeded stream as epochs: a pass, then another
     clients = load_config(None, ["clients.local_steps=10", "clients.batch_size=32"]).clients
     assert clients.examples_per_round(64) == 320 and clients.examples_per_round(40) == 200
+    # max_local_epochs caps the steps at that many passes over the client's own rows
+    for epochs, expected in ((1, min(per_pass, 50)), (2.5, min(math.ceil(2.5 * per_pass), 50)), (1000, 50)):
+        ctx = context(0)
+        ctx.train = ctx.train.model_copy(update={"local_steps": 50, "max_local_epochs": epochs})
+        assert len(list(ctx.local_batches())) == expected, epochs
+    capped = load_config(None, ["clients.local_steps=20", "clients.max_local_epochs=2", "clients.batch_size=32"]).clients
+    assert capped.steps_per_round(1) == 2 and capped.steps_per_round(4) == 8 and capped.steps_per_round(40) == 20
+    assert capped.examples_per_round(20) == 40 and capped.examples_per_round(3200) == 640
     with pytest.raises(ConfigError, match="local_steps"):
         load_config(None, ["strategy.name=dpfedavg", "clients.local_steps=5"])
 

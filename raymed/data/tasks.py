@@ -139,9 +139,9 @@ class TaskSpec:
 
     @property
     def augmentable(self) -> bool:
-        """Whether training batches may be augmented: 2D images classified (not super-resolution's
-        paired input and target, not question or report inputs, not volumes)."""
-        return self.kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis") and self.spatial_dims == 2
+        """Whether training batches may be augmented: images and volumes classified (not
+        super-resolution's paired input and target, not question or report inputs)."""
+        return self.kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")
 
     @property
     def normalisable(self) -> bool:

@@ -255,7 +255,7 @@ class ClientContext:
     state: dict[str, np.ndarray] | None = None
     # Simulated data poisoning (a label-flipping Byzantine client): applied to its training labels.
     label_transform: Callable[[TaskSpec, np.ndarray], np.ndarray] | None = None
-    augment: bool = False  # data.augment: modality-suited augmentation of the training batches
+    augment: str = "none"  # data.augment: none | medmnist (each modality's policy) | generic
     round_lr: float | None = None  # this round's local learning rate (clients.lr_schedule); None: clients.lr
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _tensors: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
@@ -338,7 +338,7 @@ class ClientContext:
         if shuffle:
             plan = [plan[i] for i in rng.permutation(len(plan))]
         tensors = self.tensors(split)
-        policies = {flag: self._augmentation(flag) for flag in tensors} if self.augment and split == "train" and shuffle else {}
+        policies = {flag: self._augmentation(flag) for flag in tensors} if self.augment != "none" and split == "train" and shuffle else {}
         for flag, rows in plan:
             x, y = tensors[flag]
             index = torch.as_tensor(rows, device=self.device)
@@ -349,16 +349,18 @@ class ClientContext:
 
     def local_batches(self):
         """The round's training batches: ``clients.local_epochs`` passes of :meth:`batches`, or, with
-        ``clients.local_steps`` K, the first K batches of successive passes."""
-        steps = self.train.local_steps
-        if steps is not None and not self.tensors("train"):
+        ``clients.local_steps`` K, the first K batches of successive passes (at most
+        ``clients.max_local_epochs`` passes' worth)."""
+        tensors = self.tensors("train")
+        if self.train.local_steps is not None and not tensors:
             return iter(())  # no rows: endless passes would yield nothing forever
+        steps = self.train.steps_per_round(sum(math.ceil(len(y) / self.train.batch_size) for _, y in tensors.values()))
         passes = itertools.repeat(None) if steps is not None else range(self.train.local_epochs)
         return itertools.islice(itertools.chain.from_iterable(self.batches() for _ in passes), steps)
 
     def _augmentation(self, flag: str) -> Policy | None:
         task = self.tasks[flag]
-        return policy_for(flag) if task.augmentable else None
+        return policy_for(flag, self.augment) if task.augmentable else None
 
 
 def client_context(

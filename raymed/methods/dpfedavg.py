@@ -301,7 +301,7 @@ class DPFedAvg(FedAvg):
         if cfg.data.task == "report":
             raise ConfigError("strategy dpfedavg does not support report generation (data.task=report); use classification or superresolution")
         if cfg.clients.local_steps is not None:
-            raise ConfigError("strategy dpfedavg accounts privacy per local epoch (Poisson-sampled passes): set clients.local_steps=null (the embedded default sets 20) and use clients.local_epochs")
+            raise ConfigError("strategy dpfedavg accounts privacy per local epoch (Poisson-sampled passes): set clients.local_steps=null (the default is 20 steps) and use clients.local_epochs")
         if self.params.local_noise_multiplier > 0 and cfg.model.name not in LOCAL_DP_MODELS:
             raise ConfigError(
                 f"strategy.local_noise_multiplier: local DP-SGD (Opacus per-example gradients) runs on model.name {' or '.join(LOCAL_DP_MODELS)}; "

@@ -201,4 +201,4 @@ def build_model(name: str, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
 
 
 # Register the built-in backbones.
-from raymed.models import cnn, resnet  # noqa: E402,F401
+from raymed.models import cnn, norm_cnn, resnet  # noqa: E402,F401
