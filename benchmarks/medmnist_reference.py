@@ -29,7 +29,8 @@ out of reach here (~59 s per PneumoniaMNIST epoch); ``--set model.name=resnet18 
 clients.num_gpus=1`` runs it where there is a GPU, at the budget ``--rounds`` gives.
 
     RAYMED_DATA_DIR=../shared/data/medmnist python benchmarks/medmnist_reference.py [--rounds N] [--seeds 0,1,2]
-        [--datasets pneumoniamnist,breastmnist,...] [--set key=value ...] [--out benchmarks/results] [--quick]
+        [--datasets pneumoniamnist,breastmnist,...] [--models cnn,cnn_gn] [--setups central,fedavg_iid,fedavg_dir]
+        [--set key=value ...] [--out benchmarks/results] [--quick]
 
 Writes ``medmnist_reference.json`` and ``.md`` under ``--out`` (run folders: ``<out>/medmnist_reference_runs``).
 Datasets: PneumoniaMNIST, BreastMNIST, RetinaMNIST and every other 2D MedMNIST file found (md5 checked;
@@ -129,19 +130,26 @@ class Bench(PaperBench):
         super().__init__(args)
         self.common = ["ray.dashboard=false", f"output_dir={self.out / self.runs_folder}", *RECIPE]
         self.datasets = found_datasets(args.datasets)
+        self.models = args.models or ["cnn"]
+        self.setups = args.setups or [key for key, _, _ in SETUPS]
+        unknown = set(self.setups) - {key for key, _, _ in SETUPS}
+        if unknown:
+            raise SystemExit(f"--setups: unknown {', '.join(sorted(unknown))}; allowed: {', '.join(key for key, _, _ in SETUPS)}")
 
     def main(self) -> None:
         rows = []
+        setups = [s for s in SETUPS if s[0] in self.setups]
         for flag in self.datasets:
-            for key, label, overrides in SETUPS:
+            for (key, label, overrides), model in ((setup, model) for setup in setups for model in self.models):
                 results = []
                 for seed in self.seeds:
                     cfg, run, wall = self.federation(
-                        [f"rounds={self.rounds_of(flag)}", f"data.datasets=[{flag}]", f"seed={seed}", *DATASET_RECIPE.get(flag, []), *overrides])
+                        [f"rounds={self.rounds_of(flag)}", f"data.datasets=[{flag}]", f"seed={seed}", *DATASET_RECIPE.get(flag, []), *overrides,
+                         f"model.name={model}"])
                     chosen = self.selected(run)  # also records test metrics at or below their baseline
                     base = baselines_of(run)
                     result = {
-                        "dataset": flag, "setup": key, "seed": seed, "wall_s": round(wall, 1), "run": str(run["dir"]),
+                        "dataset": flag, "setup": key, "model": model, "seed": seed, "wall_s": round(wall, 1), "run": str(run["dir"]),
                         "selected_round": chosen["selected_round"],
                         "test_acc": chosen.get(f"global/{flag}/acc"), "test_auc": chosen.get(f"global/{flag}/auc"),
                         "val_acc": chosen.get(f"val/global/{flag}/acc"),
@@ -150,7 +158,7 @@ class Bench(PaperBench):
                     }
                     self.runs.append(result)
                     results.append(result)
-                    print(f"{flag} {key} seed {seed}: test acc {fmt(result['test_acc'])} auc {fmt(result['test_auc'])} "
+                    print(f"{flag} {key} {model} seed {seed}: test acc {fmt(result['test_acc'])} auc {fmt(result['test_auc'])} "
                           f"(round {result['selected_round']}, val {fmt(result['val_acc'])}; majority {fmt(result['majority_acc'])}) {wall:.0f}s", flush=True)
                 rows.append({
                     "dataset": flag, "setup": key, "label": label, "rounds": self.rounds_of(flag), "model": cfg.model.name,
@@ -171,7 +179,7 @@ class Bench(PaperBench):
     def save_table(self, rows: list[dict]) -> None:
         def cells(r: dict) -> list[str]:
             published = r["published"]
-            central = next((c for c in rows if c["dataset"] == r["dataset"] and c["setup"] == "central"), None)
+            central = next((c for c in rows if c["dataset"] == r["dataset"] and c["setup"] == "central" and c["model"] == r["model"]), None)
             gap = ""
             if published and r["acc"]["mean"] is not None:
                 gap = f"{100 * (r['acc']['mean'] - published[0]):+.1f}"
@@ -179,13 +187,13 @@ class Bench(PaperBench):
             if central is not None and r["setup"] != "central" and r["acc"]["mean"] is not None and central["acc"]["mean"] is not None:
                 to_central = f"{100 * (r['acc']['mean'] - central['acc']['mean']):+.1f}"
             return [
-                r["dataset"], r["label"], str(r["rounds"]), flagged(mean_std(r["acc"], 3), r["below_baseline"]), mean_std(r["auc"], 3),
+                r["dataset"], r["label"], r["model"], str(r["rounds"]), flagged(mean_std(r["acc"], 3), r["below_baseline"]), mean_std(r["auc"], 3),
                 mean_std(r["val_acc"], 3), fmt(r["majority_acc"]), f"{published[0]:.3f} / {published[1]:.3f}" if published else "—", gap, to_central,
             ]
 
         self.add_table(
             "reference", "Test ACC / AUC at the round selected on validation (mean ± std over seeds)",
-            ["dataset", "setup", "rounds", "test ACC", "test AUC", "val ACC (selected)", "majority ACC (test)", "published ResNet-18 (28) ACC / AUC", "ACC − published (pts)", "ACC − central (pts)"],
+            ["dataset", "setup", "model", "rounds", "test ACC", "test AUC", "val ACC (selected)", "majority ACC (test)", "published ResNet-18 (28) ACC / AUC", "ACC − published (pts)", "ACC − central (pts)"],
             rows, cells,
             note=f"Budget: the rounds column (central: a round is one epoch; FedAvg: 10 clients × {LOCAL_STEPS} local steps per round), "
             f"the `{', '.join(sorted({r['model'] for r in rows}))}` backbone, SGD momentum 0.9, weight decay 5e-4, lr 0.05 cosine, batch 32, augmentation on; "
@@ -195,8 +203,12 @@ class Bench(PaperBench):
 
 
 def _datasets_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", type=lambda text: [f.strip() for f in text.split(",") if f.strip()], default=None,
+    as_list = lambda text: [f.strip() for f in text.split(",") if f.strip()]  # noqa: E731
+    parser.add_argument("--datasets", type=as_list, default=None,
                         help="MedMNIST flags (default: the three reference sets and every other file found)")
+    parser.add_argument("--models", type=as_list, default=None,
+                        help="backbones to compare side by side, each through every setup (default: cnn), e.g. cnn,cnn_gn")
+    parser.add_argument("--setups", type=as_list, default=None, help="among central, fedavg_iid, fedavg_dir (default: all)")
 
 
 if __name__ == "__main__":
