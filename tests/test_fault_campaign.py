@@ -120,7 +120,11 @@ def test_a_worker_killed_while_evaluating_is_replaced_and_the_evaluation_retried
     rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
     assert rounds["personal/client_mean/acc"].notna().all() and len(rounds) == 2
     evaluated = pq.read_table(run_dir / "evaluation").to_pandas()
-    assert 1 in set(evaluated[evaluated["round"] == 1]["client_id"])  # the killed worker's clients were evaluated again
+    first = evaluated[evaluated["round"] == 1]
+    # every client's rows were evaluated in round 1, the dead worker's share again on its replacement,
+    # on both splits: a lost chunk would leave clients or splits out
+    assert set(first["client_id"]) == set(range(cfg.clients.num)) and set(first["split"]) == {"val", "test"}
+    assert len(first) == len(evaluated[evaluated["round"] == 2])
     assert _consistent(run_dir)["status"] == "completed"
     # with policy stop, the same loss stops the run, saying why and how to go on
     cfg = small_config(data_dir, tmp_path, *crash, "engine.num_workers=2", "engine.on_client_failure=stop", *ALL_CLIENTS)
