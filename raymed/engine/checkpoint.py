@@ -15,7 +15,7 @@ A checkpoint is complete or absent: segments are written first, under new names,
 replaces the previous one atomically, and only then are segments no head lists removed. A write
 killed midway leaves the previous checkpoint whole. Reading it parses a length-prefixed JSON header and
 raw tensor bytes, nothing more. Objects inside it are limited to plain data and the dataclasses
-registered with :func:`checkpointable` (``ServerState``, OmniFM's knowledge bank), rebuilt from their
+registered with :func:`raymed.checkpointable.checkpointable` (``ServerState``, OmniFM's knowledge bank), rebuilt from their
 fields.
 
 The header also carries a format version, the run's id and a hash of the resolved config, so that a
@@ -34,6 +34,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from raymed.checkpointable import REGISTERED
 from raymed.errors import ConfigError, DataError
 from raymed.files import atomic_path
 
@@ -44,15 +45,6 @@ FORMAT = "raymed-checkpoint"
 FORMAT_VERSION = 3  # 3: client states in segments; 2 (still read): every client's state inside the head
 READS = ("2", "3")
 RESUMABLE_KEYS = ("rounds", "ray.")  # what a resumed run may change: how long it runs and where Ray is
-
-_CLASSES: dict[str, type] = {}
-
-
-def checkpointable(cls: type) -> type:
-    """Allow instances of the dataclass ``cls`` in checkpoints (rebuilt from their fields)."""
-    _CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return cls
-
 
 # ---------------------------------------------------------------------------------------------------
 # A tree of plain data and arrays <-> JSON + named arrays
@@ -79,9 +71,9 @@ def _encode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(value, dict):
         return {"$d": [[_encode(k, arrays), _encode(v, arrays)] for k, v in value.items()]}
     name = f"{type(value).__module__}.{type(value).__qualname__}"
-    if dataclasses.is_dataclass(value) and name in _CLASSES:
+    if dataclasses.is_dataclass(value) and name in REGISTERED:
         return {"$c": name, "f": {f.name: _encode(getattr(value, f.name), arrays) for f in dataclasses.fields(value)}}
-    raise TypeError(f"a {name} cannot be checkpointed; register it with raymed.engine.checkpoint.checkpointable")
+    raise TypeError(f"a {name} cannot be checkpointed; register it with raymed.checkpointable.checkpointable")
 
 
 def _decode(node: Any, tensors: Any) -> Any:
@@ -100,7 +92,7 @@ def _decode(node: Any, tensors: Any) -> Any:
     if "$d" in node:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in node["$d"]}
     if "$c" in node:
-        cls = _CLASSES.get(node["$c"])
+        cls = REGISTERED.get(node["$c"])
         if cls is None:
             raise DataError(f"the checkpoint holds an object of {node['$c']}, which raymed does not rebuild")
         fields = {name: _decode(v, tensors) for name, v in node["f"].items()}

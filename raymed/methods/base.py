@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from raymed.config import ClientsConfig, ExperimentConfig, ModelConfig
 from raymed.data.augment import Policy, augment, policy_for
 from raymed.data.shards import ClientShard, Split
-from raymed.engine.checkpoint import checkpointable
+from raymed.checkpointable import checkpointable
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import FedModel, build_model
 

@@ -57,7 +57,7 @@ from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState
 from raymed.methods.fedavg import apply_mean_update
 from raymed.methods.fedper import FedPer, FedPerParams
 from raymed.models import Backbone, FedModel, build_backbone, images_of, reads_map
-from raymed.engine.checkpoint import checkpointable
+from raymed.checkpointable import checkpointable
 
 BANK_KEY = "gskr.bank"  # the knowledge-base snapshot in the broadcast
 HITS_KEY = "gskr.hits"  # a client's retrieval counts per snapshot entry
