@@ -1,17 +1,20 @@
 """CNNs with normalisation, global average pooling and dropout, for 2D images and 3D volumes.
 
-Three conv blocks (conv 3×3 → norm → ReLU, ×2 → max-pool), widths 32, 64, 128 (halved in 3D),
-then global average pooling and dropout before the head: a textbook small CNN that does not depend
-on the image size (any square MedMNIST size, any own data) and has no 3,136×128 dense layer.
+Three conv blocks (conv 3×3 → norm → ReLU → max-pool), widths 32, 64, 128 (halved in 3D), then
+global average pooling and dropout before the head: a textbook small CNN that does not depend on the
+image size (any square MedMNIST size, any own data) and has no 3,136×128 dense layer. One convolution
+per block: two per block cost 2.5-4× the CPU time for at most two test images' difference on one seed
+(benchmarks/README, "Backbone candidates"); on a 2D RGB input it has 93 k parameters and costs ~1.6×
+``cnn`` per batch.
 
 - ``cnn_gn``: GroupNorm (8 groups), which keeps no running statistics, so averaging it across
   clients is as well-defined as averaging any other weight (Hsieh et al., ICML 2020, "The Non-IID
   Data Quagmire": BatchNorm's statistics break under label skew, GroupNorm does not).
 - ``cnn_bn``: BatchNorm, for FedBN-style studies (Li et al., ICLR 2021: https://arxiv.org/abs/2102.07623),
   where each client keeps its own normalisation layers. Its keys name the layer: every
-  normalisation parameter and statistic is ``backbone.body.block<i>.norm<j>.*``.
+  normalisation parameter and statistic is ``backbone.body.block<i>.norm1.*``.
 
-Parameter names: ``backbone.body.block<i>.{conv<j>,norm<j>}.*`` and ``heads.<flag>.*``.
+Parameter names: ``backbone.body.block<i>.{conv1,norm1}.*`` and ``heads.<flag>.*``.
 """
 
 from __future__ import annotations
@@ -37,12 +40,8 @@ def normalised_cnn(in_channels: int, spatial_dims: int, norm: str, widths: tuple
     widths = widths if spatial_dims == 2 else tuple(w // 2 for w in widths)
     blocks, channels = [], in_channels
     for i, width in enumerate(widths, start=1):
-        layers = OrderedDict()
-        for j in (1, 2):
-            layers[f"conv{j}"] = conv(channels, width, 3, padding=1, bias=False)
-            layers[f"norm{j}"] = _norm(norm, width, spatial_dims)
-            layers[f"relu{j}"] = nn.ReLU(inplace=True)
-            channels = width
+        layers = OrderedDict(conv1=conv(channels, width, 3, padding=1, bias=False), norm1=_norm(norm, width, spatial_dims), relu1=nn.ReLU(inplace=True))
+        channels = width
         if i < len(widths):  # 28 → 14 → 7: the last block keeps its map (the tokens some methods attend over)
             layers["pool"] = pool(2)
         blocks.append((f"block{i}", nn.Sequential(layers)))
