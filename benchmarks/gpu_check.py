@@ -33,7 +33,7 @@ import raymed  # noqa: F401  (secure Ray defaults before Ray is imported)
 import ray  # noqa: E402, I001
 import torch  # noqa: E402
 
-from raymed.config import load_config  # noqa: E402
+from raymed.experiment import load_config  # noqa: E402
 from raymed.data.medmnist_files import find_file, write_synthetic  # noqa: E402
 from raymed.engine import run_experiment  # noqa: E402
 from raymed.engine.devices import GPU_HEADROOM  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 import raymed  # noqa: F401
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.engine import run_experiment
 from raymed.results import read_run, summary_table
 from raymed.results.baselines import at_or_below

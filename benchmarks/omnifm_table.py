@@ -45,7 +45,7 @@ from datetime import datetime
 
 import numpy as np
 
-from raymed.config import load_config
+from raymed.experiment import load_config
 from tables import agg, fmt, git_commit, mean_std, number, PaperBench, parse_args, run_sections, torch_cuda  # benchmarks/tables.py
 
 SECTIONS = ("classification", "ablation", "superres", "superres_x4", "vqa")

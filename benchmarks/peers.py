@@ -52,7 +52,8 @@ from rich.console import Console
 from rich.table import Table
 
 import raymed  # noqa: F401  (secure Ray defaults before Ray is imported)
-from raymed.config import ExperimentConfig, load_config, save_config
+from raymed.config import ExperimentConfig, save_config
+from raymed.experiment import load_config
 from raymed.data.medmnist_files import locate
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine.server import sample_clients

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raymed.config import load_config  # importing raymed first sets up Ray's environment
+from raymed.experiment import load_config  # importing raymed first sets up Ray's environment
 from raymed.engine import run_experiment
 from raymed.errors import ClientFailure, find_user_error
 from raymed.results import read_run

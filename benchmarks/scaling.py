@@ -90,7 +90,7 @@ class PrivatePeaks:
 def one_setting(registered: int, per_round: int, rounds: int, rows: int, work: Path) -> dict:
     """Run one federation in this process (a fresh driver) and measure it."""
     import raymed  # noqa: F401  (secure Ray defaults before Ray is imported)
-    from raymed.config import load_config
+    from raymed.experiment import load_config
     from raymed.engine import Federation
 
     cfg = load_config(None, [

@@ -142,7 +142,7 @@ class PaperBench:
 
     def federation(self, overrides: list[str]):
         """Run one federation of ``config`` with ``overrides``: (its config, its run as read back, wall seconds)."""
-        from raymed.config import load_config
+        from raymed.experiment import load_config
         from raymed.engine import run_experiment
         from raymed.results import read_run
 

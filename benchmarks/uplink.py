@@ -33,7 +33,7 @@ def _group(key: str) -> str:
 def uplink(name: str) -> dict:
     import torch
 
-    from raymed.config import load_config
+    from raymed.experiment import load_config
     from raymed.data.shards import ShardSet, materialise
     from raymed.engine.worker import float_state
     from raymed.methods import build_method, client_context

@@ -150,7 +150,7 @@ def _embedded_default(overrides: list[str]) -> list:
     and whether it can be fetched; a missing MedMNIST subset is left out when others are found, and
     when none is, the run goes on synthetic stand-ins (said loudly). A dataset of any other source
     (your own file, folder or CSV, VQA-RAD, ...) that is missing is its source's one-line error."""
-    from raymed.config import load_config
+    from raymed.experiment import load_config
     from raymed.data.medmnist_files import file_name, search_dirs, write_synthetic
     from raymed.data.sources import source_of
 
@@ -191,7 +191,7 @@ def _embedded_default(overrides: list[str]) -> list:
 
 
 def cmd_run(args) -> int:
-    from raymed.config import load_config
+    from raymed.experiment import load_config
     from raymed.results import report
 
     overrides = list(args.overrides)

@@ -91,15 +91,14 @@ class DataConfig(Section):
     @field_validator("datasets", "held_out")
     @classmethod
     def _known_flags(cls, flags: list[str], info: ValidationInfo) -> list[str]:
-        from medmnist import INFO
-
         if not flags and info.field_name == "datasets":
             raise ValueError("needs at least one MedMNIST flag")
-        from raymed.data.vqa_rad import ORGANS
-
+        # The names the data sources know come from the validating caller (raymed.experiment), so
+        # that the schema imports no data module; without them only the form is checked.
+        builtin = (info.context or {}).get("datasets")
         own = info.data.get("files") or {}
-        for flag in flags:
-            known = [*INFO, *ORGANS, "r2gen", "synthetic_clients", *own]
+        for flag in flags if builtin is not None else ():
+            known = [*builtin, *own]
             if flag not in known:
                 close = difflib.get_close_matches(flag, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -118,17 +117,15 @@ class DataConfig(Section):
         return len({flag.endswith("3d") for flag in self.datasets + self.held_out}) > 1
 
     @model_validator(mode="after")
-    def _task_fits(self) -> DataConfig:
-        from raymed.data.vqa_rad import ORGANS
-
-        if self.task == "superresolution" and any(flag in ORGANS for flag in self.datasets):
+    def _task_fits(self, info: ValidationInfo) -> DataConfig:
+        context = info.context or {}
+        question_answering, report = context.get("question_answering", ()), context.get("report")
+        if self.task == "superresolution" and any(flag in question_answering for flag in self.datasets):
             raise ValueError("superresolution applies to MedMNIST images; VQA-RAD datasets are question answering")
         if self.task == "superresolution" and any(flag.endswith("3d") for flag in self.datasets):
             raise ValueError("superresolution is implemented for 2D images; use 2D MedMNIST datasets")
-        from raymed.data.reports import REPORT_DATASETS
-
-        if self.task == "report" and not set(self.datasets) <= set(REPORT_DATASETS):
-            raise ValueError(f"task report needs report datasets ({', '.join(REPORT_DATASETS)}); got {', '.join(self.datasets)}")
+        if report is not None and self.task == "report" and not set(self.datasets) <= set(report):
+            raise ValueError(f"task report needs report datasets ({', '.join(report)}); got {', '.join(self.datasets)}")
         if self.task != "report" and "r2gen" in self.datasets:
             raise ValueError("r2gen is a report-generation dataset; set data.task=report")
         if self.holdout_fraction + self.val_fraction >= 0.9:
@@ -605,58 +602,13 @@ def format_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()
     return f"{path}: got {given!r}; {msg}{more}"
 
 
-def _non_finite(raw: Any, path: str = "") -> list[tuple[str, float]]:
+def non_finite_values(raw: Any, path: str = "") -> list[tuple[str, float]]:
     """Every (key path, value) of ``raw`` whose value is an infinite or nan float (YAML's .inf, .nan)."""
     if isinstance(raw, dict):
-        return [hit for k, v in raw.items() for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+        return [hit for k, v in raw.items() for hit in non_finite_values(v, f"{path}.{k}" if path else str(k))]
     if isinstance(raw, (list, tuple)):
-        return [hit for i, v in enumerate(raw) for hit in _non_finite(v, f"{path}[{i}]")]
+        return [hit for i, v in enumerate(raw) for hit in non_finite_values(v, f"{path}[{i}]")]
     return [(path, raw)] if isinstance(raw, float) and not math.isfinite(raw) else []
-
-
-def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw mapping into an :class:`ExperimentConfig`, resolving method parameters."""
-    from raymed.methods import METHODS
-    from raymed.models import MODELS
-
-    try:
-        cfg = ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, ExperimentConfig)) from None
-
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name: got {cfg.model.name!r}; allowed: {', '.join(sorted(MODELS))}")
-    method = METHODS.get(cfg.strategy.name)
-    if method is None:
-        close = difflib.get_close_matches(cfg.strategy.name, METHODS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"strategy.name: got {cfg.strategy.name!r}{hint}; allowed: {', '.join(sorted(METHODS))}")
-    try:
-        params = method.Params.model_validate(cfg.strategy.params)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, method.Params, prefix=("strategy",))) from None
-    for key, value in _non_finite({**cfg.model_dump(exclude={"strategy"}), "strategy": params.model_dump()}):
-        raise ConfigError(f"{key}: got {value}; every number in a config must be finite (no inf or nan)")
-    if cfg.engine.vectorise and cfg.clients.optimizer != "sgd":
-        raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
-    if cfg.data.task == "report" and cfg.engine.vectorise:
-        raise ConfigError("engine.vectorise: report generation trains a transformer decoder, which is not vectorised; set engine.vectorise=false")
-    if cfg.data.mixes_dimensions and not method.mixes_dimensions:
-        raise ConfigError(
-            f"data.datasets mixes 2D and 3D datasets, which one backbone cannot take under strategy {cfg.strategy.name}; "
-            f"run them separately, or use a strategy with an encoder per input kind (fedkim)"
-        )
-    cfg = method(params).configure(cfg)
-    method(params).check_config(cfg)
-    # Store the resolved parameters (defaults filled in) so the saved config is complete.
-    cfg.strategy = StrategyConfig(name=cfg.strategy.name, **params.model_dump(mode="json"))
-    return cfg
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment: the embedded default when ``path`` is None, then ``--set`` overrides."""
-    raw = load_yaml(path if path is not None else default_config_path())
-    return validate_config(apply_overrides(raw, overrides or []))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

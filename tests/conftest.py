@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import raymed  # noqa: F401  (sets RAY_AUTH_MODE before Ray is imported)
-from raymed.config import ExperimentConfig, apply_overrides, validate_config
+from raymed.config import ExperimentConfig, apply_overrides
+from raymed.experiment import validate_config
 from raymed.data.medmnist_files import write_synthetic
 
 FLAGS = ("pneumoniamnist", "breastmnist", "retinamnist")

@@ -1,6 +1,7 @@
 import pytest
 
-from raymed.config import apply_overrides, load_config, load_yaml, save_config, validate_config
+from raymed.config import apply_overrides, load_yaml, save_config
+from raymed.experiment import load_config, validate_config
 from raymed.errors import ConfigError
 
 

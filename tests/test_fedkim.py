@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.data.instructions import CATALOGUE, NEW_SENTENCES, answer_metrics, tasks_of
 from raymed.data.shards import ShardSet, materialise
 from raymed.errors import ConfigError

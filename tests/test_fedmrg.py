@@ -145,7 +145,8 @@ def test_r2gen_loader_reads_the_real_annotation_with_stand_in_images(tmp_path):
     assert texts[0] == reports.clean(splits["test"][0]["report"]) and "xxxx" not in " ".join(texts).lower()
     assert 0 < diagnosis.mean() < 1  # the labeler finds both normal and abnormal studies
 
-    from raymed.config import apply_overrides, validate_config
+    from raymed.config import apply_overrides
+    from raymed.experiment import validate_config
 
     cfg = validate_config(apply_overrides({}, [
         "data.task=report", "data.datasets=[r2gen]", f"data.report_root={folder}", "data.partition=iid", "clients.num=3",

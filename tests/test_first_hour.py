@@ -150,7 +150,7 @@ def test_run_help_lists_every_shipped_config_with_its_description_and_raymed_deb
 def test_a_minimal_yaml_trains_with_the_embedded_default_recipe(tmp_path):
     """One set of defaults: a YAML with only the datasets and the strategy gets the embedded
     default's training recipe; the default file sets only its data, partition and pace."""
-    from raymed.config import load_config
+    from raymed.experiment import load_config
 
     path = tmp_path / "mine.yaml"
     path.write_text("data:\n  datasets: [breastmnist, pneumoniamnist, retinamnist]\nstrategy:\n  name: fedavg\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.engine.devices import check_gpu_fit
 from raymed.engine.runtime import plan_nodes
 from raymed.errors import ResourceError
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
     import raymed  # token authentication on, before Ray is imported
     import ray
     from ray.cluster_utils import Cluster
-    from raymed.config import validate_config
+    from raymed.experiment import validate_config
     from raymed.engine import run_experiment
     from raymed.engine.runtime import cluster_nodes, plan_cluster, plan_nodes
     from raymed.errors import ResourceError

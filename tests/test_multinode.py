@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import raymed  # token authentication on, before Ray is imported
     import ray
     from ray.cluster_utils import Cluster
-    from raymed.config import validate_config
+    from raymed.experiment import validate_config
     from raymed.engine import run_experiment
 
     # Own ports for the dashboard and each node's agent: the test session's Ray holds the default ones.
@@ -137,7 +137,7 @@ NODES_SCRIPT = textwrap.dedent(
     import raymed  # token authentication on, before Ray is imported
     import ray
     from ray.cluster_utils import Cluster
-    from raymed.config import validate_config
+    from raymed.experiment import validate_config
     from raymed.engine import run_experiment
     from raymed.engine.runtime import free_port
 

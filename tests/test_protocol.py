@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.data.augment import POLICIES, Policy, augment, policy_for
 from raymed.data.shards import ShardSet, materialise
 from raymed.data.tasks import TaskSpec
@@ -84,7 +84,7 @@ def test_augmentation_keeps_anatomy_sides_and_is_seeded():
 
 
 def test_generic_augmentation_keeps_shapes_and_labels_in_2d_and_3d_and_follows_the_switch(data_dir, tmp_path):
-    from raymed.config import load_config
+    from raymed.experiment import load_config
     from raymed.data.augment import GENERIC
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raymed.config import validate_config
+from raymed.experiment import validate_config
 from raymed.data.tasks import TaskSpec
 from raymed.engine.faults import FaultPlan, flip_labels
 from raymed.errors import ConfigError, RaymedError

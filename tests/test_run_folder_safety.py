@@ -14,7 +14,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from raymed.config import load_config, load_yaml
+from raymed.config import load_yaml
+from raymed.experiment import load_config
 from raymed.engine.checkpoint import CHECKPOINT_FILE, differing_keys, load_tree, read_checkpoint, save_tree
 from raymed.errors import ConfigError, DataError
 from raymed.methods import ServerState

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from raymed.cli import main
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.engine import Federation, run_experiment
 from raymed.engine.runtime import federation_bundles
 from raymed.errors import ConfigError

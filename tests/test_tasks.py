@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from raymed.config import load_config
+from raymed.experiment import load_config
 from raymed.data import vqa_rad
 from raymed.data.shards import ShardSet, materialise
 from raymed.data.tasks import TaskSpec, degrade, image_quality

@@ -31,7 +31,8 @@ import numpy as np
 import ray
 import torch
 
-from raymed.config import ExperimentConfig, validate_config
+from raymed.config import ExperimentConfig
+from raymed.experiment import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.devices import local_rank_env
 from raymed.engine.runtime import Placement, configure_torch

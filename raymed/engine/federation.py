@@ -25,13 +25,14 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymed.config import ExperimentConfig
+from raymed.config import ExperimentConfig, apply_overrides, load_yaml
 from raymed.data.shards import ShardSet, locate_sources, materialise
 from raymed.engine.checkpoint import CHECKPOINT_FILE, RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint, segment_path
 from raymed.engine.faults import check_faults
 from raymed.engine.runtime import JOINED, PORTS, Placement, determinism, init_ray, plan_cluster
 from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, RunFailed, Terminated, find_user_error, os_error
+from raymed.experiment import validate_config
 from raymed.methods import METHODS, build_method, has_server_model
 from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
 from raymed.results.selection import Selection
@@ -343,8 +344,6 @@ class ResumePoint:
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> ResumePoint:
         """The folder's own config, with only rounds and ray.* changed, and its checkpoint (read once)."""
-        from raymed.config import apply_overrides, load_yaml, validate_config
-
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise DataError(f"{run_dir} holds no config.yaml; give the folder of a raymed run to resume")

@@ -27,7 +27,8 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymed.config import clients_per_round, validate_config
+from raymed.config import clients_per_round
+from raymed.experiment import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.devices import check_gpu_fit

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from raymed.config import validate_config
+from raymed.experiment import validate_config
 from raymed.data.shards import ClientShard, ShardSet, Split
 from raymed.engine.client_state import ClientStates
 from raymed.engine.devices import assigned_device, assigned_gpu_ids, gpu_peak_bytes

@@ -30,7 +30,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from raymed.config import ExperimentConfig, Section, format_error, apply_overrides, load_yaml, set_key, validate_config
+from raymed.config import ExperimentConfig, Section, format_error, apply_overrides, load_yaml, set_key
+from raymed.experiment import validate_config
 from raymed.errors import ConfigError
 
 # search_space entry name -> (Tune domain constructor, how its arguments are given)
