@@ -129,3 +129,48 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(data
     timing = [c for c in resumed.columns if c.startswith(("time/", "memory/"))]  # wall clock, not results
     assert len(resumed) == 3
     pd.testing.assert_frame_equal(resumed.drop(columns=timing), uninterrupted.drop(columns=timing), check_exact=True)
+
+
+def test_fedbn_keeps_every_normalisation_layer_and_its_statistics_on_the_client(data_dir, tmp_path):
+    import torch
+
+    from raymed.errors import ConfigError
+    from tests.conftest import prepared_method, small_config
+
+    cfg = small_config(data_dir, tmp_path, "strategy.name=fedbn", "model.name=cnn_bn", "data.max_train_per_dataset=60")
+    _, method, model, state, _, context = prepared_method(cfg)
+    norm = {k for k in model.state_dict() if ".norm1." in k}
+    assert method.local_keys == norm and {k.rsplit(".", 1)[1] for k in norm} >= {"weight", "bias", "running_mean", "running_var"}
+    assert not norm & set(state.weights) and any(k.startswith("heads.") for k in state.weights)  # heads are shared, unlike FedPer
+
+    update = method.client_update(context(0), method.broadcast(state))
+    assert set(update.delta) and not norm & set(update.delta)  # nothing of a norm layer goes up
+    assert set(update.state) == norm & set(context(0).trained_keys)  # all of it stays, statistics included
+    assert not np.array_equal(update.state["backbone.body.block1.norm1.running_mean"], np.zeros_like(update.state["backbone.body.block1.norm1.running_mean"]))
+
+    # the next round starts from the client's own statistics, not the server's (it has none)
+    ctx = context(0)
+    ctx.state = update.state
+    method.load_personalised(ctx, method.broadcast(state))
+    loaded = ctx.model.state_dict()["backbone.body.block1.norm1.running_mean"]
+    assert torch.equal(loaded, torch.as_tensor(update.state["backbone.body.block1.norm1.running_mean"]))
+
+    # a model without normalisation layers is refused in one line
+    plain = small_config(data_dir, tmp_path, "strategy.name=fedbn", "model.name=cnn")
+    _, m, model, *_ = prepared_method(plain)
+    with pytest.raises(ConfigError, match="no normalisation layers"):
+        m.check_model(plain, model)
+
+
+def test_a_fedbn_federation_runs_on_ray_and_a_plain_cnn_is_refused_before_training(data_dir, tmp_path, ray_session):
+    import pyarrow.parquet as pq
+
+    from raymed.engine import run_experiment
+    from raymed.errors import ConfigError
+    from tests.conftest import small_config
+
+    run_dir = run_experiment(small_config(data_dir, tmp_path, "strategy.name=fedbn", "model.name=cnn_bn", "rounds=2"))
+    rounds = pq.read_table(run_dir / "rounds.parquet").to_pandas()
+    assert rounds["personal/client_mean/acc"].notna().all() and (rounds["comm/bytes_up"] > 0).all()
+    with pytest.raises(ConfigError, match="fedbn: model cnn has no normalisation layers"):
+        run_experiment(small_config(data_dir, tmp_path, "strategy.name=fedbn", "model.name=cnn", "rounds=1"))

@@ -37,7 +37,7 @@ from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.worker import ClientWorker, EvalChunk, answers, client_record, float_state, frozen_state
 from raymed.results.metrics import EVAL_SPLITS, metric_prefix
-from raymed.errors import ClientFailure, ResourceError
+from raymed.errors import ClientFailure, RaymedError, ResourceError
 from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
 
 logger = logging.getLogger("raymed")
@@ -79,7 +79,13 @@ class ServerActor:
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         self.shards = ShardSet(shard_dir)
         model = self.method.build_model(self.cfg.model, self.shards.tasks, self.cfg.seed)
-        self.method.check_model(self.cfg, model)
+        # A refusal raised here would reach the driver as a bare ActorDiedError (Ray keeps only the
+        # text of a constructor's error): it is kept and raised by the first call, whole.
+        self.refusal: RaymedError | None = None
+        try:
+            self.method.check_model(self.cfg, model)
+        except RaymedError as err:
+            self.refusal = err
         self.state = self.method.init_state(float_state(model))
         frozen = frozen_state(model)
         # One copy in the object store, mapped by every worker of a node; held here for the run's life.
@@ -183,7 +189,10 @@ class ServerActor:
         return ray.get(refs)
 
     def describe(self) -> dict[str, Any]:
-        """Where the workers run, once they all do (raises ResourceError if they cannot be placed)."""
+        """Where the workers run, once they all do (raises ResourceError if they cannot be placed, and
+        the method's refusal of the model, if any)."""
+        if self.refusal is not None:
+            raise self.refusal
         if self._worker_info is None:
             self._worker_info = self._wait_for_workers()
         return {
