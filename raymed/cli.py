@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint, in its folder (--set rounds=N extends it)")
+    run.add_argument(
+        "--strategies", metavar="A,B,...",
+        help="run the same federation (partition, schedule, seed) once per strategy and compare them in one table and plot, "
+        "e.g. --strategies fedavg,fedadam,fedprox (default without CONFIG: fedavg,fedper)",
+    )
 
     tune = sub.add_parser("tune", help="a Ray Tune sweep: each trial one whole federation (see tune_configs/)")
     tune.add_argument("sweep", help="sweep YAML, e.g. tune_configs/fedprox_mu_lr.yaml")
@@ -145,7 +150,7 @@ def _run_one(cfg, quiet: bool, resume=None) -> Path:
         return run_experiment(cfg, on_round=on_round, on_start=on_start)
 
 
-def _embedded_default(overrides: list[str]) -> list:
+def _embedded_default(overrides: list[str], strategies: list[str] | None = None) -> list:
     """The default experiment on the datasets found. Each dataset's source says whether it is here
     and whether it can be fetched; a missing MedMNIST subset is left out when others are found, and
     when none is, the run goes on synthetic stand-ins (said loudly). A dataset of any other source
@@ -185,9 +190,21 @@ def _embedded_default(overrides: list[str]) -> list:
             "SYNTHETIC stand-ins. These are not real results.[/bold red] "
             "Set RAYMED_DATA_DIR to a folder of MedMNIST .npz files (`raymed data check` shows what is found)."
         )
-    if any(o.split("=", 1)[0].strip() in ("strategy", "strategy.name") for o in overrides):
+    if strategies is None and any(o.split("=", 1)[0].strip() in ("strategy", "strategy.name") for o in overrides):
         return [load_config(None, extra)]  # `--set strategy.name=central`: that strategy alone, on the default federation
-    return [load_config(None, [*extra, f"strategy.name={name}"]) for name in DEFAULT_COMPARISON]
+    return [load_config(None, [*extra, f"strategy.name={name}"]) for name in strategies or DEFAULT_COMPARISON]
+
+
+def _strategy_list(text: str, overrides: list[str]) -> list[str]:
+    """``--strategies a,b``: the names, each once, in order; refused beside ``--set strategy.name``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--strategies: give one or more strategy names, comma-separated (e.g. --strategies fedavg,fedadam)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--strategies lists a strategy twice: {text}")
+    if any(o.split("=", 1)[0].strip() in ("strategy", "strategy.name") for o in overrides):
+        raise ConfigError("--strategies names the strategies; drop --set strategy.name (other strategy.* keys apply to every strategy listed)")
+    return names
 
 
 def cmd_run(args) -> int:
@@ -202,10 +219,17 @@ def cmd_run(args) -> int:
             raise ConfigError("give either a CONFIG or --resume RUN_DIR, not both (the run folder holds its config)")
         from raymed.engine.federation import ResumePoint
 
+        if args.strategies:
+            raise ConfigError("--resume continues one run; --strategies starts new ones: give one or the other")
         point = ResumePoint.load(args.resume, overrides)
         run_dirs = [_run_one(point.cfg, args.quiet, resume=point)]
     else:
-        configs = [load_config(args.config, overrides)] if args.config else _embedded_default(overrides)
+        strategies = _strategy_list(args.strategies, overrides) if args.strategies else None
+        if args.config:
+            # Every config is validated before the first run starts: a typo in the last name costs nothing.
+            configs = [load_config(args.config, [*overrides, *([f"strategy.name={n}"] if n else [])]) for n in strategies or [None]]
+        else:
+            configs = _embedded_default(overrides, strategies)
         run_dirs = [_run_one(cfg, args.quiet) for cfg in configs]
     out = run_dirs[0].parent / ("comparison.png" if len(run_dirs) > 1 else f"{run_dirs[0].name}.png")
     png = report(run_dirs, out, console)

@@ -174,3 +174,100 @@ def test_a_fedbn_federation_runs_on_ray_and_a_plain_cnn_is_refused_before_traini
     assert rounds["personal/client_mean/acc"].notna().all() and (rounds["comm/bytes_up"] > 0).all()
     with pytest.raises(ConfigError, match="fedbn: model cnn has no normalisation layers"):
         run_experiment(small_config(data_dir, tmp_path, "strategy.name=fedbn", "model.name=cnn", "rounds=1"))
+
+
+def test_strategies_side_by_side_see_the_same_federation(data_dir, tmp_path):
+    """``raymed run CONFIG --strategies a,b,c``: one run per strategy on the same partition, schedule
+    and seed, one comparison table and plot; a typo anywhere is refused before anything runs."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tests.conftest import small_config
+    from tests.test_cli import _assert_one_line_error, _write_config, raymed
+
+    path = _write_config(tmp_path, small_config(data_dir, tmp_path, "rounds=2").to_dict())
+    _assert_one_line_error(raymed("run", path, "--strategies", "fedavg,fedadamm"), "did you mean fedadam")
+    assert not (tmp_path / "results").exists()
+    proc = raymed("run", path, "--strategies", "fedavg,fedavgm,fedadam", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {yaml.safe_load((d / "config.yaml").read_text())["strategy"]["name"]: d for d in (tmp_path / "results").iterdir() if (d / "rounds.parquet").is_file()}
+    assert set(runs) == {"fedavg", "fedavgm", "fedadam"}
+    # the same clients, with the same rows, in the same rounds: sampling and partition do not depend on the strategy
+    clients = {name: pq.read_table(d / "clients").to_pandas().sort_values(["round", "client_id"])[["round", "client_id", "num_train"]].reset_index(drop=True)
+               for name, d in runs.items()}
+    assert all(c.equals(clients["fedavg"]) for c in clients.values())
+    from safetensors.numpy import load_file
+
+    models = {name: load_file(str(d / "model.safetensors")) for name, d in runs.items()}
+    assert not all(np.array_equal(models["fedavg"][k], models["fedadam"][k]) for k in models["fedavg"])  # the server step differs, so the models do
+    assert (tmp_path / "results" / "comparison.png").is_file() and all(name in proc.stdout for name in runs)
+
+
+def test_scaffold_control_variates_follow_option_two_and_move_only_for_sampled_clients(data_dir, tmp_path):
+    import torch
+
+    from tests.conftest import prepared_method, small_config
+
+    cfg = small_config(data_dir, tmp_path, "strategy.name=scaffold", "data.max_train_per_dataset=60", "clients.local_steps=3",
+                       "clients.momentum=0.0", "clients.weight_decay=0.0")
+    _, method, model, state, shards, context = prepared_method(cfg)
+    method = build_method("scaffold", {**cfg.strategy.params, "num_clients": shards.num_clients})
+    state = method.init_state(state.weights)
+    # a nonzero server control variate, so the correction has something to do
+    rng = np.random.default_rng(0)
+    state.extra["control"] = {k: (0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in state.weights.items()}
+    payload = method.broadcast(state)
+    ctx = context(0)
+    update = method.client_update(ctx, payload)
+    params = [k for k, _ in ctx.model.named_parameters() if k in ctx.trained_keys]
+    lr, steps = ctx.lr, 3
+    for k in params:  # c_k⁺ = c_k − c + (x − y)/(Kη) with c_k = 0, and Δc_k = c_k⁺ − c_k
+        expected = -payload["scaffold.c." + k] - update.delta[k] / (steps * lr)
+        np.testing.assert_allclose(update.state[k], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(update.delta["scaffold.c." + k], expected, rtol=1e-4, atol=1e-6)
+
+    # the correction changes the local steps: with c = c_k the update is plain SGD's
+    plain = build_method("fedavg", {"weighting": "uniform"}).client_update(context(0), state.weights)
+    ctx_same = context(0)
+    ctx_same.state = {k: payload["scaffold.c." + k] for k in params}
+    same = method.client_update(ctx_same, payload)
+    assert all(np.allclose(same.delta[k], plain.delta[k], atol=1e-6) for k in params)
+    assert not all(np.allclose(update.delta[k], plain.delta[k], atol=1e-6) for k in params)
+
+    # server: x += mean Δy; c += (|S|/N) mean Δc, over two sampled clients of N
+    acc = method.new_accumulator()
+    second = method.client_update(context(1), payload)
+    acc.add(update)
+    acc.add(second)
+    new = method.aggregate(state, acc)
+    k = params[0]
+    both = [u for u in (update, second) if k in u.delta]
+    np.testing.assert_allclose(new.weights[k], state.weights[k] + np.mean([u.delta[k] for u in both], axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new.extra["control"][k], state.extra["control"][k] + len(both) / shards.num_clients * np.mean(
+        [u.delta["scaffold.c." + k] for u in both], axis=0), rtol=1e-5, atol=1e-7)
+    assert torch.is_tensor(torch.as_tensor(new.weights[k]))
+
+
+def test_a_resumed_scaffold_run_on_the_disk_client_state_backend_equals_an_uninterrupted_one(data_dir, tmp_path, ray_session):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from raymed.engine import Federation, run_experiment
+    from raymed.engine.federation import resume_experiment
+    from tests.conftest import small_config
+
+    cfg = small_config(data_dir, tmp_path, "strategy.name=scaffold", "rounds=3", "clients.local_steps=4", "engine.client_state=disk")
+    whole = run_experiment(cfg)
+    federation = Federation(cfg)
+    with pytest.raises(KeyboardInterrupt), federation:
+        federation.start()
+        federation.step()
+        federation.step()
+        raise KeyboardInterrupt
+    stopped = federation.run_dir
+    resume_experiment(stopped)
+    resumed, uninterrupted = (pq.read_table(d / "rounds.parquet").to_pandas() for d in (stopped, whole))
+    timing = [c for c in resumed.columns if c.startswith(("time/", "memory/"))]
+    assert len(resumed) == 3 and (resumed["comm/bytes_down"] > 0).all()
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), uninterrupted.drop(columns=timing), check_exact=True)
+    assert list((stopped / "client_state").glob("*.safetensors"))  # the clients' c_k, on disk
