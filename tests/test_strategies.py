@@ -108,14 +108,20 @@ def test_the_strategies_are_registered_and_a_typo_suggests_them():
 
 def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(data_dir, tmp_path, ray_session):
     """Real Ray actors: the server's moments go into the checkpoint and come back on resume."""
+    from tests.conftest import small_config
+
+    stopped_after_two_rounds_and_resumed(small_config(data_dir, tmp_path, "strategy.name=fedadam", "rounds=3", "strategy.server_lr=0.02"))
+
+
+def stopped_after_two_rounds_and_resumed(cfg):
+    """Run ``cfg`` (3 rounds) whole, then again stopped after round 2 and resumed; the two must
+    give the same rounds (wall-clock columns aside). Returns the resumed run's folder."""
     import pandas as pd
     import pyarrow.parquet as pq
 
     from raymed.engine import Federation, run_experiment
     from raymed.engine.federation import resume_experiment
-    from tests.conftest import small_config
 
-    cfg = small_config(data_dir, tmp_path, "strategy.name=fedadam", "rounds=3", "strategy.server_lr=0.02")
     whole = run_experiment(cfg)
     federation = Federation(cfg)
     with pytest.raises(KeyboardInterrupt), federation:
@@ -127,8 +133,9 @@ def test_a_resumed_fedadam_run_ends_exactly_where_an_uninterrupted_one_does(data
     resume_experiment(stopped)
     resumed, uninterrupted = (pq.read_table(d / "rounds.parquet").to_pandas() for d in (stopped, whole))
     timing = [c for c in resumed.columns if c.startswith(("time/", "memory/"))]  # wall clock, not results
-    assert len(resumed) == 3
+    assert len(resumed) == 3 and (resumed["comm/bytes_down"] > 0).all()
     pd.testing.assert_frame_equal(resumed.drop(columns=timing), uninterrupted.drop(columns=timing), check_exact=True)
+    return stopped
 
 
 def test_fedbn_keeps_every_normalisation_layer_and_its_statistics_on_the_client(data_dir, tmp_path):
@@ -188,10 +195,10 @@ def test_strategies_side_by_side_see_the_same_federation(data_dir, tmp_path):
     path = _write_config(tmp_path, small_config(data_dir, tmp_path, "rounds=2").to_dict())
     _assert_one_line_error(raymed("run", path, "--strategies", "fedavg,fedadamm"), "did you mean fedadam")
     assert not (tmp_path / "results").exists()
-    proc = raymed("run", path, "--strategies", "fedavg,fedavgm,fedadam", "--quiet")
+    proc = raymed("run", path, "--strategies", "fedavg,fedavgm,fedadam,ditto", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {yaml.safe_load((d / "config.yaml").read_text())["strategy"]["name"]: d for d in (tmp_path / "results").iterdir() if (d / "rounds.parquet").is_file()}
-    assert set(runs) == {"fedavg", "fedavgm", "fedadam"}
+    assert set(runs) == {"fedavg", "fedavgm", "fedadam", "ditto"}
     # the same clients, with the same rows, in the same rounds: sampling and partition do not depend on the strategy
     clients = {name: pq.read_table(d / "clients").to_pandas().sort_values(["round", "client_id"])[["round", "client_id", "num_train"]].reset_index(drop=True)
                for name, d in runs.items()}
@@ -201,6 +208,8 @@ def test_strategies_side_by_side_see_the_same_federation(data_dir, tmp_path):
     models = {name: load_file(str(d / "model.safetensors")) for name, d in runs.items()}
     assert not all(np.array_equal(models["fedavg"][k], models["fedadam"][k]) for k in models["fedavg"])  # the server step differs, so the models do
     assert (tmp_path / "results" / "comparison.png").is_file() and all(name in proc.stdout for name in runs)
+    ditto = pq.read_table(runs["ditto"] / "rounds.parquet").to_pandas()
+    assert ditto["personal/client_mean/acc"].notna().all() and ditto["global/mean/acc"].notna().all()  # v_k and w both evaluated
 
 
 def test_scaffold_control_variates_follow_option_two_and_move_only_for_sampled_clients(data_dir, tmp_path):
@@ -249,25 +258,41 @@ def test_scaffold_control_variates_follow_option_two_and_move_only_for_sampled_c
 
 
 def test_a_resumed_scaffold_run_on_the_disk_client_state_backend_equals_an_uninterrupted_one(data_dir, tmp_path, ray_session):
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    from raymed.engine import Federation, run_experiment
-    from raymed.engine.federation import resume_experiment
     from tests.conftest import small_config
 
     cfg = small_config(data_dir, tmp_path, "strategy.name=scaffold", "rounds=3", "clients.local_steps=4", "engine.client_state=disk")
-    whole = run_experiment(cfg)
-    federation = Federation(cfg)
-    with pytest.raises(KeyboardInterrupt), federation:
-        federation.start()
-        federation.step()
-        federation.step()
-        raise KeyboardInterrupt
-    stopped = federation.run_dir
-    resume_experiment(stopped)
-    resumed, uninterrupted = (pq.read_table(d / "rounds.parquet").to_pandas() for d in (stopped, whole))
-    timing = [c for c in resumed.columns if c.startswith(("time/", "memory/"))]
-    assert len(resumed) == 3 and (resumed["comm/bytes_down"] > 0).all()
-    pd.testing.assert_frame_equal(resumed.drop(columns=timing), uninterrupted.drop(columns=timing), check_exact=True)
+    stopped = stopped_after_two_rounds_and_resumed(cfg)
     assert list((stopped / "client_state").glob("*.safetensors"))  # the clients' c_k, on disk
+
+
+def test_ditto_trains_the_global_model_as_fedavg_and_a_personal_one_pulled_towards_it(data_dir, tmp_path):
+    from tests.conftest import prepared_method, small_config
+
+    cfg = small_config(data_dir, tmp_path, "strategy.name=ditto", "data.max_train_per_dataset=60", "clients.local_steps=4")
+    _, method, model, state, _, context = prepared_method(cfg)
+    fedavg = build_method("fedavg", {"weighting": cfg.strategy.params["weighting"]})
+    update = method.client_update(context(0), state.weights)
+    reference = fedavg.client_update(context(0), state.weights)
+    assert update.delta.keys() == reference.delta.keys()
+    assert all(np.array_equal(update.delta[k], reference.delta[k]) for k in update.delta)  # the global half is FedAvg's, bit for bit
+    assert set(update.state) == set(context(0).trained_keys) and "personal_loss" in update.metrics  # v_k stays on the client
+
+    def distance(lam: float) -> float:
+        m = build_method("ditto", {**cfg.strategy.params, "lam": lam})
+        v = m.client_update(context(0), state.weights).state
+        return float(sum(np.sum((v[k] - state.weights[k]) ** 2) for k in v if k in state.weights and v[k].dtype.kind == "f"))
+
+    far, near, nearer = distance(0.0), distance(1.0), distance(10.0)
+    assert far > near > nearer  # λ's pull reaches the personal model's gradient
+
+    # evaluation reads v_k; the next round starts the personal model from it
+    ctx = context(0)
+    ctx.state = update.state
+    method.load_personalised(ctx, state.weights)
+    key = next(k for k in update.state if k.startswith("backbone.") and update.state[k].dtype.kind == "f")
+    assert np.array_equal(ctx.model.state_dict()[key].numpy(), update.state[key])
+
+    from raymed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr × lam"):  # the pull is an explicit step: lr·λ ≥ 2 diverges
+        small_config(data_dir, tmp_path, "strategy.name=ditto", "strategy.lam=100")

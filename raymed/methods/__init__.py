@@ -12,7 +12,7 @@ from raymed.methods.base import (
     local_sgd,
     register_method,
 )
-from raymed.methods import central, dpfedavg, fedavg, fedavgm, fedbn, fedkim, fedmrg, fedopt, fedper, fedprox, lorkd, mafm3, omnifm, robust, scaffold  # noqa: E402,F401  (registers the methods)
+from raymed.methods import central, ditto, dpfedavg, fedavg, fedavgm, fedbn, fedkim, fedmrg, fedopt, fedper, fedprox, lorkd, mafm3, omnifm, robust, scaffold  # noqa: E402,F401  (registers the methods)
 
 
 def build_method(name: str, params: dict) -> Method:
