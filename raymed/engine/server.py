@@ -3,7 +3,8 @@
 One round::
 
     sample ⌈fraction·N⌉ clients (seeded by (seed, round))
-    ray.put(method.broadcast(state))            one object per round, shared by every worker
+    ray.put(method.broadcast(state))            one object per state, shared by every worker, by the
+                                                round's evaluations and by the next round's training
     workers train their share of the clients   one call per worker, one partial aggregate back
     state ← method.aggregate(state, merged)
     evaluate (every eval.every rounds and after the last): the global model on each dataset's
@@ -86,6 +87,7 @@ class ServerActor:
             self.method.check_model(self.cfg, model)
         except RaymedError as err:
             self.refusal = err
+        self._broadcast: tuple[tuple[int, int], Any] | None = None  # ((state's id, round), object ref): see broadcast_ref
         self.state = self.method.init_state(float_state(model))
         frozen = frozen_state(model)
         # One copy in the object store, mapped by every worker of a node; held here for the run's life.
@@ -206,13 +208,22 @@ class ServerActor:
 
     # ---- one round
 
+    def broadcast_ref(self) -> Any:
+        """The current state's broadcast in the object store, put once: the round's evaluations and
+        the next round's training read the same object (a model's weights are not copied three
+        times a round). A new state (aggregation, a server update, a resume) or round puts it anew."""
+        key = (id(self.state), self.state.round)
+        if self._broadcast is None or self._broadcast[0] != key:
+            self._broadcast = None  # the previous object can go before the next is put
+            self._broadcast = (key, ray.put(self.method.broadcast(self.state)))
+        return self._broadcast[1]
+
     def run_round(self) -> dict[str, Any]:
         r = self.state.round + 1
         start = time.perf_counter()
         online = self.faults.online(r)
         sampled = sample_clients(self.cfg.seed, r, self.cfg.clients.num, self.cfg.clients.fraction, online)
-        payload_ref = ray.put(self.method.broadcast(self.state))
-        merged, records, peaks, partials = self._train_clients(r, payload_ref, sampled)
+        merged, records, peaks, partials = self._train_clients(r, self.broadcast_ref(), sampled)
 
         accepted = [x for x in records if x["failed"] is None and x["rejected"] is None]
         final = {x["client_id"]: x for x in records}  # each client's last try
@@ -358,7 +369,8 @@ class ServerActor:
                 step = math.ceil(n / len(chunks))
                 for i, start in enumerate(range(0, n, step)):
                     chunks[i % len(chunks)].append((split, flag, start, min(start + step, n)))
-            ref = ray.put(weights)
+            # The broadcast object serves when it is these weights (FedAvg and most methods); else they go in once.
+            ref = self.broadcast_ref() if self.method.broadcast(self.state) is weights else ray.put(weights)
             parts = sum(self._on_workers(lambda w, c, attempt: w.evaluate_global.remote(ref, c), chunks, "evaluating the global model"), [])
         parts.sort(key=lambda p: p[:3])  # (split, dataset, first row): chunks back in split order
         out: dict[str, float] = {}
@@ -424,7 +436,7 @@ class ServerActor:
         if limit is not None and len(clients) > limit:  # a seeded sample, the same clients every round
             clients = sorted(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(clients, limit, replace=False).tolist())
         groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(self.live_workers()))
-        ref = ray.put(self.method.broadcast(self.state))
+        ref = self.broadcast_ref()
         parts = sum(self._on_workers(lambda w, g, attempt: w.evaluate_personalised.remote(ref, g, r, attempt), groups, "evaluating personalised models"), [])
         unseen = [part["client_id"] for part in parts if part.get("unseen")]
         parts = [part for part in parts if not part.get("unseen")]
@@ -477,7 +489,7 @@ class ServerActor:
         return self.state, self.shards.tasks
 
     def set_state(self, state: ServerState) -> int:
-        self.state = state
+        self.state, self._broadcast = state, None
         return state.round
 
     def client_state_store(self) -> Any:

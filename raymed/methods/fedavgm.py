@@ -8,8 +8,9 @@ velocity that damps the round-to-round swings non-IID clients cause:
     u_t = β u_{t−1} + Δ_t,   u_{−1} = 0
     w_{t+1} = w_t + η · u_t
 
-β = 0 and η = 1 recover FedAvg. The paper pairs β = 0.9 with a smaller η (effective step η/(1 − β));
-the defaults here are β = 0.9, η = 1.0 as Flower's FedAvgM. The velocity lives in
+β = 0 and η = 1 recover FedAvg. The paper reads the effective step as η/(1 − β) and finds it best
+near 1, so the defaults are β = 0.9 with η = 0.1. (β = 0.9 with η = 1, a 10× effective step, was
+measured to diverge on the embedded default's federation: benchmarks/README, "Strategies".) The velocity lives in
 ``ServerState.extra`` and is checkpointed with it. Parameters no client sent keep their weights and
 velocity; integer entries (BatchNorm's batch counter) take the plain mean step.
 """
@@ -24,6 +25,7 @@ from raymed.methods.fedavg import FedAvg, FedAvgParams
 
 
 class FedAvgMParams(FedAvgParams):
+    server_lr: float = Field(0.1, gt=0, description="η, the server's step along the velocity (effective step η/(1 − β))")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="β, the server's momentum on the mean update")
 
 
