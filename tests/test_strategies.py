@@ -235,6 +235,14 @@ def test_scaffold_control_variates_follow_option_two_and_move_only_for_sampled_c
         np.testing.assert_allclose(update.state[k], expected, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(update.delta["scaffold.c." + k], expected, rtol=1e-4, atol=1e-6)
 
+    # under momentum β the step per unit gradient is η/(1 − β): option II divides by it
+    heavy = small_config(data_dir, tmp_path, "strategy.name=scaffold", "data.max_train_per_dataset=60", "clients.local_steps=3",
+                         "clients.momentum=0.9", "clients.weight_decay=0.0")
+    *_, heavy_context = prepared_method(heavy)
+    moved = method.client_update(heavy_context(0), payload)
+    k = params[0]
+    np.testing.assert_allclose(moved.state[k], -payload["scaffold.c." + k] - (1 - 0.9) * moved.delta[k] / (steps * lr), rtol=1e-4, atol=1e-6)
+
     # the correction changes the local steps: with c = c_k the update is plain SGD's
     plain = build_method("fedavg", {"weighting": "uniform"}).client_update(context(0), state.weights)
     ctx_same = context(0)

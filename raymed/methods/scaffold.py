@@ -99,7 +99,8 @@ class Scaffold(FedAvg):
 
         metrics = local_sgd(ctx, drift_correction, counted)
         delta = ctx.delta_from(x)
-        scale = 1.0 / (max(steps, 1) * ctx.lr)
+        beta = ctx.train.momentum if ctx.train.optimizer == "sgd" else 0.0
+        scale = (1.0 - beta) / (max(steps, 1) * ctx.lr)  # 1/(K η/(1 − β)): momentum SGD covers η/(1 − β) per unit gradient
         updated = {k: own[k] - c[k] - scale * delta[k] for k in params}  # (x − y)/(Kη) = −Δy/(Kη)
         delta.update({CONTROL + k: updated[k] - own[k] for k in params})
         return ClientUpdate(delta=delta, weight=1.0, metrics=metrics, state=updated)
