@@ -33,7 +33,7 @@ def test_overrides_parse_yaml_values():
         (["data.partition=random"], ["data.partition", "'random'", "'iid', 'dirichlet', 'client_dirichlet', 'quantity', 'modality' or 'by_site'"]),
         (["data.datasets=[pneumoniamnst]"], ["data.datasets", "did you mean pneumoniamnist", "allowed:"]),
         (["data.datasets=[pneumoniamnist,adrenalmnist3d]"], ["mixes 2D and 3D", "fedkim"]),
-        (["strategy.name=fedsgd"], ["strategy.name", "'fedsgd'", "allowed: central, dpfedavg, fedavg, fedkim, fedmrg, fedper, fedprox, krum"]),
+        (["strategy.name=fedsgd"], ["strategy.name", "'fedsgd'", "allowed: central, ditto, dpfedavg, fedadagrad, fedadam, fedavg, fedavgm, fedbn, fedkim, fedmrg, fedper, fedprox, fedyogi, krum"]),
         (["strategy.name=fedprox", "strategy.mu=-1"], ["strategy.mu", "-1", "greater than or equal to 0"]),
         (["strategy.name=fedavg", "strategy.mu=0.1"], ["unknown key strategy.mu", "server_lr"]),
         (["model.name=vit"], ["model.name", "'vit'", "cnn", "resnet18"]),
