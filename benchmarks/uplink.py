@@ -23,6 +23,7 @@ import raymed  # noqa: F401  (before Ray or torch)
 from tables import git_commit, md_table, sources_md5
 
 SHIPPED = {"fedkim": "fedkim", "fedmrg": "fedmrg", "lorkd": "lorkd", "mafm3": "mafm3"}
+EXTRA = {"fedbn": ["model.name=cnn_bn"]}  # FedBN needs normalisation layers to keep local
 
 
 def _group(key: str) -> str:
@@ -39,7 +40,7 @@ def uplink(name: str) -> dict:
     from raymed.methods import build_method, client_context
 
     torch.set_num_threads(2)
-    cfg = load_config(SHIPPED.get(name), [f"strategy.name={name}"] if name not in SHIPPED else [])
+    cfg = load_config(SHIPPED.get(name), ([f"strategy.name={name}"] if name not in SHIPPED else []) + EXTRA.get(name, []))
     shard_dir = materialise(cfg)
     cfg = build_method(cfg.strategy.name, cfg.strategy.params).prepare(cfg, str(shard_dir))
     method = build_method(cfg.strategy.name, cfg.strategy.params)
