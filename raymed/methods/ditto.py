@@ -22,7 +22,7 @@ from pydantic import Field
 
 from raymed.config import ExperimentConfig
 from raymed.errors import ConfigError
-from raymed.methods.base import ClientContext, ClientUpdate, Weights, local_sgd, register_method
+from raymed.methods.base import ClientContext, ClientUpdate, Method, Weights, local_sgd, register_method
 from raymed.methods.fedavg import FedAvg, FedAvgParams, client_weight
 from raymed.methods.fedprox import proximal_penalty
 
@@ -56,8 +56,7 @@ class Ditto(FedAvg):
             state=ctx.read(ctx.trained_keys),
         )
 
-    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
-        return [self.client_update(ctx, payload) for ctx in ctxs]  # one after another (no vectorised form)
+    client_updates = Method.client_updates  # one client after another: FedAvg's vectorised form does not apply
 
     def load_personalised(self, ctx: ClientContext, payload: Weights) -> None:
         ctx.load(payload)

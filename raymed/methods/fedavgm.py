@@ -12,7 +12,7 @@ velocity that damps the round-to-round swings non-IID clients cause:
 near 1, so the defaults are β = 0.9 with η = 0.1. (β = 0.9 with η = 1, a 10× effective step, was
 measured to diverge on the embedded default's federation: benchmarks/README, "Strategies".) The velocity lives in
 ``ServerState.extra`` and is checkpointed with it. Parameters no client sent keep their weights and
-velocity; integer entries (BatchNorm's batch counter) take the plain mean step.
+velocity (the server holds floating-point state only).
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ class FedAvgM(FedAvg):
         weights, velocity = dict(state.weights), dict(state.extra.get("velocity", {}))
         for key, delta in accumulator.mean().items():
             w = weights[key]
-            if not np.issubdtype(np.asarray(w).dtype, np.floating):
-                weights[key] = w + delta
-                continue
             u = p.server_momentum * velocity.get(key, np.zeros_like(delta)) + delta
             weights[key] = (w + p.server_lr * u).astype(np.asarray(w).dtype)
             velocity[key] = u

@@ -16,7 +16,7 @@ with m_{−1} = 0 and v_{−1} = τ² (the paper's v_{−1} ≥ τ²), no bias c
 η (``server_lr``) is the server's step; the paper tunes it per task (10^-2.5 to 10^0 for its CNNs).
 The moments live in ``ServerState.extra`` and are checkpointed with it, so a resumed run continues
 with them. Parameters no client sent this round (another dataset's head) keep their weights and
-moments; integer entries (BatchNorm's batch counter) take FedAvg's plain mean step.
+moments (the server holds floating-point state only).
 """
 
 from __future__ import annotations
@@ -59,9 +59,6 @@ class FedOpt(FedAvg):
         first, second = dict(state.extra.get("m", {})), dict(state.extra.get("v", {}))
         for key, delta in accumulator.mean().items():
             w = weights[key]
-            if not np.issubdtype(np.asarray(w).dtype, np.floating):
-                weights[key] = w + delta  # a counter, not a parameter
-                continue
             delta = delta.astype(np.float32)
             m = p.beta1 * first.get(key, np.zeros_like(delta)) + (1 - p.beta1) * delta
             v = second_moment(self.rule, second.get(key, np.full_like(delta, p.tau**2)), delta, p.beta2)

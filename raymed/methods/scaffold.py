@@ -31,7 +31,7 @@ from pydantic import Field
 
 from raymed.config import ExperimentConfig, StrategyConfig
 from raymed.errors import ConfigError
-from raymed.methods.base import ClientContext, ClientUpdate, ServerState, WeightedMean, Weights, local_sgd, register_method, trained_parameters
+from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method, trained_parameters
 from raymed.methods.fedavg import FedAvg, FedAvgParams
 
 CONTROL = "scaffold.c."  # prefix of the server's control variate in what goes down, and of Δc_k in what comes up
@@ -105,5 +105,4 @@ class Scaffold(FedAvg):
         delta.update({CONTROL + k: updated[k] - own[k] for k in params})
         return ClientUpdate(delta=delta, weight=1.0, metrics=metrics, state=updated)
 
-    def client_updates(self, ctxs: list[ClientContext], payload: Weights) -> list[ClientUpdate]:
-        return [self.client_update(ctx, payload) for ctx in ctxs]  # one after another (no vectorised form)
+    client_updates = Method.client_updates  # one client after another: FedAvg's vectorised form does not apply
