@@ -7,7 +7,7 @@ communication reduction of "62%" is attributed to it by a third-party summary, n
 the paper. The paper uses IU X-Ray and MIMIC-CXR with their real images; this benchmark runs the
 embedded ``fedmrg`` experiment on MedMNIST-Reports, which is **semi-synthetic** (real PneumoniaMNIST
 X-rays paired with real IU X-Ray report text by diagnosis only, different patients; see
-:mod:`raymed.data.reports`) with a small CNN encoder and a 2-layer decoder: values are not
+:mod:`raymed.tasks.report.text`) with a small CNN encoder and a 2-layer decoder: values are not
 comparable with the paper's, only the ordering of the methods.
 
 Two sections, all in one Python process (Ray starts with the first run and every later run joins it):

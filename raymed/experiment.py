@@ -25,11 +25,12 @@ from raymed.config import (
     format_error,
     load_yaml,
 )
-from raymed.data.reports import REPORT_DATASETS
 from raymed.data.vqa_rad import ORGANS
 from raymed.errors import ConfigError
 from raymed.methods import METHODS
 from raymed.models import MODELS
+from raymed.tasks import run_task
+from raymed.tasks.report import DATASETS as REPORT_DATASETS
 
 
 def validation_context() -> dict[str, Any]:
@@ -64,8 +65,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"{key}: got {value}; every number in a config must be finite (no inf or nan)")
     if cfg.engine.vectorise and cfg.clients.optimizer != "sgd":
         raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
-    if cfg.data.task == "report" and cfg.engine.vectorise:
-        raise ConfigError("engine.vectorise: report generation trains a transformer decoder, which is not vectorised; set engine.vectorise=false")
+    run_task(cfg.data.task).check(cfg)
     if cfg.data.mixes_dimensions and not method.mixes_dimensions:
         raise ConfigError(
             f"data.datasets mixes 2D and 3D datasets, which one backbone cannot take under strategy {cfg.strategy.name}; "

@@ -145,7 +145,7 @@ def test_task_sentence_alone_changes_the_gate(kim_config):
 
 @needs_3d
 def test_injection_loads_the_fedavg_of_client_encoders_and_the_lm_stays_frozen(ray_session, kim_config):
-    from raymed.engine.decoder import DecoderGroup
+    from raymed.engine.server_model import ServerModelGroup
 
     cfg = kim_config()
     shard_dir = materialise(cfg)
@@ -168,7 +168,7 @@ def test_injection_loads_the_fedavg_of_client_encoders_and_the_lm_stays_frozen(r
     encoders = sorted(k for k in state.weights if k.startswith("encoders."))
     assert {k.split(".")[1] for k in encoders} == {"image", "volume"}
 
-    group = DecoderGroup(cfg, str(shard_dir), "fedkim-test")
+    group = ServerModelGroup(cfg, str(shard_dir), "fedkim-test")
     try:
         state = method.server_update(state, group, 1)  # server_epochs=0: injection only
         central = group.read(encoders)
@@ -221,14 +221,14 @@ def test_fedkim_runs_through_the_engine(kim_config, tmp_path):
 
 @needs_3d
 def test_central_model_on_two_zero3_ranks_trains_and_answers_every_test_row(ray_session, kim_config):
-    from raymed.engine.decoder import DecoderGroup
+    from raymed.engine.server_model import ServerModelGroup
 
     cfg = kim_config("server.ranks=2", "server.zero_stage=3")
     shard_dir = materialise(cfg)
     shards = ShardSet(shard_dir)
     method = build_method("fedkim", cfg.strategy.params)
     cfg = method.prepare(cfg, str(shard_dir))
-    group = DecoderGroup(cfg, str(shard_dir), "fedkim-zero3")
+    group = ServerModelGroup(cfg, str(shard_dir), "fedkim-zero3")
     try:
         assert all(i["zero_stage"] == 3 and i["world_size"] == 2 and i["params_local"] < i["params_total"] for i in group.info)
         assert np.isfinite(group.fit(1, 1))  # both ranks step together over their halves of the server split

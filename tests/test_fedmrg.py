@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from raymed.data import reports
-from raymed.data.report_metrics import label_report
+from raymed.tasks.report import text as reports
+from raymed.tasks.report.metrics import label_report
 from raymed.data.shards import ShardSet, materialise
 from raymed.engine.worker import float_state
 from raymed.errors import DataError
@@ -203,7 +203,7 @@ def test_specialised_adapter_never_leaves_the_client(data_dir, tmp_path):
 def test_workers_map_the_frozen_decoder_from_the_object_store(ray_session, data_dir, tmp_path):
     """One copy per node: a worker's frozen decoder weights are views of the object store's arrays."""
     from raymed.engine.worker import frozen_state
-    from raymed.models.report import share_frozen
+    from raymed.engine.worker import share_frozen
 
     cfg = report_config(data_dir, tmp_path)
     shards = ShardSet(materialise(cfg))
@@ -225,7 +225,7 @@ def test_workers_map_the_frozen_decoder_from_the_object_store(ray_session, data_
 @needs_iu
 @pytest.mark.parametrize("stage, ranks, offload", [(3, 2, "none"), (1, 1, "cpu")])
 def test_server_decoder_is_a_deepspeed_engine(ray_session, data_dir, tmp_path, stage, ranks, offload):
-    from raymed.engine.decoder import DecoderGroup
+    from raymed.engine.server_model import ServerModelGroup
 
     cfg = report_config(data_dir, tmp_path, f"server.zero_stage={stage}", f"server.ranks={ranks}", f"server.offload={offload}")
     shard_dir = materialise(cfg)
@@ -238,7 +238,7 @@ def test_server_decoder_is_a_deepspeed_engine(ray_session, data_dir, tmp_path, s
                 param.add_(0.05 * torch.randn_like(param))
     weights = float_state(reference)
 
-    group = DecoderGroup(cfg, str(shard_dir), f"ds-test-{stage}")
+    group = ServerModelGroup(cfg, str(shard_dir), f"ds-test-{stage}")
     try:
         for info in group.info:
             assert info["engine"] == "DeepSpeedEngine" and info["zero_stage"] == stage and info["world_size"] == ranks

@@ -2,7 +2,10 @@
 
 - ``raymed.config`` is the schema alone: it imports no method, model or data module (validation
   against the registries lives one level above, in ``raymed.experiment``).
-- Methods, models and data never import the engine: the engine calls them, not the other way round.
+- Methods, models, data and run tasks never import the engine: the engine calls them, not the other
+  way round.
+- The engine, the config schema, the shard writer and the method base class reach a run task (report
+  generation, ...) only through the registry's hooks (:mod:`raymed.tasks`), never a task's package.
 """
 
 from __future__ import annotations
@@ -48,7 +51,18 @@ def test_methods_models_and_data_never_import_the_engine():
     offenders = {
         module: sorted(i for i in imports if i.startswith("raymed.engine"))
         for module, imports in graph().items()
-        if module.startswith(("raymed.methods", "raymed.models", "raymed.data")) and any(i.startswith("raymed.engine") for i in imports)
+        if module.startswith(("raymed.methods", "raymed.models", "raymed.data", "raymed.tasks")) and any(i.startswith("raymed.engine") for i in imports)
+    }
+    assert not offenders, offenders
+
+
+def test_the_engine_schema_shards_and_method_base_reach_tasks_only_through_hooks():
+    task_packages = ("raymed.tasks.",)  # raymed.tasks itself (the registry and its hooks) is allowed
+    offenders = {
+        module: sorted(i for i in imports if i.startswith(task_packages))
+        for module, imports in graph().items()
+        if (module.startswith("raymed.engine") or module in ("raymed.config", "raymed.data.shards", "raymed.methods.base"))
+        and any(i.startswith(task_packages) for i in imports)
     }
     assert not offenders, offenders
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raymed.data.report_metrics import (
+from raymed.tasks.report.metrics import (
     FINDINGS,
     clinical_efficacy,
     label_report,

@@ -10,9 +10,10 @@ Layout of a shard set (a folder named by a hash of everything that determines it
     {flag}.test.arrow         the official test split, for global evaluation
     {flag}.server.arrow       the server's own rows (``data.server_fraction`` > 0), which no client holds
 
-The validation split is the source's own (MedMNIST's ``val``, R2Gen's ``val``); a source without one
-(VQA-RAD) gets a seeded ``data.val_fraction`` of its training rows, whole images at a time, so no
-validation question shares an image with a training question. No client trains on validation rows.
+The validation split is the source's own (MedMNIST's ``val``); a source without one gets a seeded
+``data.val_fraction`` of its training rows, whole images at a time, so where several rows ask about
+one image (question answering) no validation row shares an image with a training row. No client
+trains on validation rows.
 
 Held-out datasets (``data.held_out``) have a test split only: no client or server trains on them.
 
@@ -37,46 +38,45 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymed.config import DataConfig, ExperimentConfig
-from raymed.data import reports
 from raymed.data.partition import local_split, partition, partition_by_site
 from raymed.data.sources import DatasetFile, source_of, source_of_file
 from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
+from raymed.tasks import run_task
 
-FORMAT_VERSION = 6  # 6: VQA questions partitioned and split by image; 5: validation splits (global and per client), normalisation statistics, the ordinal loss
+FORMAT_VERSION = 6  # 6: questions about one image partitioned and split together; 5: validation splits (global and per client), normalisation statistics, the ordinal loss
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sources (raymed.data.sources: MedMNIST files, VQA-RAD's organs, R2Gen, the user's own files)
+# Sources (raymed.data.sources: the registry of MedMNIST files, question-answering sets, the user's own files, ...)
 
 
 def locate_sources(d: DataConfig) -> list[DatasetFile]:
     """Find (and check) every dataset of ``data.datasets``; a one-line DataError when one is missing."""
     files = [source_of(flag, d).locate(flag, d) for flag in d.datasets + d.held_out]
-    if d.task == "report" and "pneumoniamnist" in d.datasets:
-        reports.find_root(d.report_root, "indiana_reports.csv")  # the report text must be there too
+    run_task(d.task).locate(d)  # what data.task needs beyond the datasets
     return files
 
 
 def has_val_split(file: DatasetFile) -> bool:
-    """Whether the source ships a validation split of its own (VQA-RAD does not)."""
+    """Whether the source ships a validation split of its own."""
     return source_of_file(file).has_val_split(file)
 
 
 def load_source(file: DatasetFile, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of one split (R2Gen: labels are [diagnosis, study index]; the text is attached later)."""
+    """Images and labels of one split (a run task may rewrite them before they are written: :meth:`RunTask.attach`)."""
     return source_of_file(file).load(file, split)
 
 
 def source_task(file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-    """The task a run sets on a dataset: its own (classification, VQA), its grade read as a prognosis,
-    or super-resolution of its images (report generation's task is made in :func:`_attach_reports`,
-    once the tokenizer exists)."""
+    """The task a run sets on a dataset: its own (classification, question answering), its grade read as a prognosis,
+    or what ``data.task`` makes of it (:meth:`RunTask.dataset_task`; a task that needs the dealt rows
+    makes it in :meth:`RunTask.attach`)."""
     d = cfg.data
     task = source_of_file(file).task(file, cfg)
     if file.flag in d.prognosis:
         return task.prognosis()
-    return task.super_resolution(d.sr_scale) if d.task == "superresolution" and task.kind != "vqa" else task
+    return run_task(d.task).dataset_task(task, d)
 
 
 def channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -85,55 +85,6 @@ def channel_statistics(images: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
     mean = channels.mean(axis=1, dtype=np.float64) / 255.0
     std = channels.std(axis=1, dtype=np.float64) / 255.0
     return tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
-
-
-def _attach_reports(
-    cfg: ExperimentConfig,
-    files: list[DatasetFile],
-    tasks: dict[str, TaskSpec],
-    train: dict[str, tuple[np.ndarray, np.ndarray]],
-    val: dict[str, tuple[np.ndarray, np.ndarray]],
-    test: dict[str, tuple[np.ndarray, np.ndarray]],
-    clients: list[dict[str, np.ndarray]],
-    tmp: Path,
-    out: Path,
-) -> None:
-    """Report generation: give every row its report ([diagnosis, style, token ids]) and tokenizer, in
-    place. Validation images get reports of the test pool (another draw than the test images'),
-    in the original style: no client's report text."""
-    d = cfg.data
-    texts: dict[str, tuple[list[str], np.ndarray, list[str], list[str]]] = {}
-    for f in files:
-        (_, y), (_, yv), (_, yt) = train[f.flag], val[f.flag], test[f.flag]
-        if f.flag == "r2gen":
-            entries = reports.r2gen_annotation(f.path)
-            pick = lambda split, rows: [reports.clean(entries[split][int(i)]["report"]) for i in rows]  # noqa: E731
-            texts[f.flag] = (pick("train", y[:, 1]), np.zeros(len(y), np.int64), pick("val", yv[:, 1]), pick("test", yt[:, 1]))
-        else:
-            owner = np.full(len(y), -1)
-            for cid, rows_by_flag in enumerate(clients):
-                owner[rows_by_flag.get(f.flag, [])] = cid
-            root = reports.find_root(d.report_root, "indiana_reports.csv")
-            train_texts, styles = reports.medmnist_reports(y[:, 0], owner, cfg.clients.num, d.report_styles, root, cfg.seed)
-            val_texts, _ = reports.medmnist_reports(yv[:, 0], np.full(len(yv), -1), cfg.clients.num, 1, root, cfg.seed, draw=2)
-            test_texts, _ = reports.medmnist_reports(yt[:, 0], np.full(len(yt), -1), cfg.clients.num, 1, root, cfg.seed, draw=1)
-            texts[f.flag] = (train_texts, styles, val_texts, test_texts)
-    if d.report_tokenizer:
-        tokenizer, tokenizer_path = reports.load_tokenizer(d.report_tokenizer), str(Path(d.report_tokenizer).resolve())
-    else:
-        prompts = [p for f in files for p in reports.prompt_texts(f.flag)]
-        tokenizer = reports.train_tokenizer([t for tr, *_ in texts.values() for t in tr], tmp / "tokenizer", prompts)
-        tokenizer_path = str(out / "tokenizer")
-    for f in files:
-        train_texts, styles, val_texts, test_texts = texts[f.flag]
-        (x, y), (xv, yv), (xt, yt) = train[f.flag], val[f.flag], test[f.flag]
-        train[f.flag] = (x, np.column_stack([y[:, 0], styles, reports.encode(tokenizer, train_texts, d.report_len)]))
-        val[f.flag] = (xv, np.column_stack([yv[:, 0], np.zeros(len(yv), np.int64), reports.encode(tokenizer, val_texts, d.report_len)]))
-        test[f.flag] = (xt, np.column_stack([yt[:, 0], np.zeros(len(yt), np.int64), reports.encode(tokenizer, test_texts, d.report_len)]))
-        tasks[f.flag] = TaskSpec(
-            dataset=f.flag, kind="report", num_classes=2, channels=1, spatial_dims=2, image_size=f.size,
-            vocab_size=len(tokenizer), report_len=d.report_len, tokenizer=tokenizer_path, class_names=reports.CLASS_NAMES[f.flag],
-        )
 
 
 def _channel_first(images: np.ndarray, spatial_dims: int) -> np.ndarray:
@@ -163,9 +114,7 @@ def shard_key(cfg: ExperimentConfig, files: list[DatasetFile]) -> str:
         "partition": d.partition,
         "task": d.task,
         "sr_scale": d.sr_scale,
-        "reports": (d.report_len, d.report_styles, d.report_tokenizer, reports.corpus_fingerprint(d.report_root))
-        if d.task == "report" and "pneumoniamnist" in d.datasets
-        else (d.report_len, d.report_tokenizer) if d.task == "report" else None,
+        "run_task": run_task(d.task).shard_identity(d),
         "alpha": d.alpha,
         "holdout": d.holdout_fraction,
         "val": d.val_fraction,
@@ -199,8 +148,8 @@ def image_groups(images: np.ndarray) -> np.ndarray:
 
 
 def image_group_rows(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A seeded ``fraction`` of the rows, whole images at a time (VQA-RAD asks several questions of
-    one image: rows carved out this way never share an image with the rows left)."""
+    """A seeded ``fraction`` of the rows, whole images at a time (where several questions ask about
+    one image, rows carved out this way never share an image with the rows left)."""
     group = image_groups(images)
     groups = rng.permutation(group.max() + 1)[: int(round(fraction * (group.max() + 1)))]
     return np.flatnonzero(np.isin(group, groups))
@@ -274,9 +223,9 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             if tasks[flag].normalisable:
                 mean, std = channel_statistics(x)
                 tasks[flag] = replace(tasks[flag], mean=mean, std=std)
-    # VQA-RAD asks several questions of one image: an image's questions stay together, at one client
+    # Several rows about one image (question answering): an image's rows stay together, at one client
     # and on one side of its local split, so no held-out question shares an image with a trained one.
-    groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].kind == "vqa"}
+    groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].rows_share_images}
     if d.partition == "by_site":
         clients = partition_by_site({f.flag: source_of_file(f).sites(f, "train") for f in files if f.flag in train}, cfg.clients.num)
     else:
@@ -289,8 +238,7 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:  # a failure part-way (a full disk) leaves no half-written temporary folder behind
-        if d.task == "report":
-            _attach_reports(cfg, files, tasks, train, val, test, clients, tmp, out)
+        run_task(d.task).attach(cfg, files, tasks, train, val, test, clients, tmp, out)
         index_rows = []
         for flag, (x, y) in train.items():
             order, offset = [], 0

@@ -11,7 +11,7 @@ itself; a new source is one module with one ``@register_source`` class, imported
 - ``images`` (:mod:`raymed.data.image_folder`): the user's own images, a folder of class sub-folders
   or a CSV of (path, label[, site][, split]) (``data.files``);
 - ``vqa_rad`` (:mod:`raymed.data.vqa_rad`): VQA-RAD's organs;
-- ``r2gen`` (:mod:`raymed.data.reports`): an R2Gen-format report folder;
+- sources a run task brings (:mod:`raymed.tasks`: report generation's R2Gen-format folder);
 - ``synthetic_clients`` (:mod:`raymed.data.synthetic_clients`): generated data per client, for
   engine-scale experiments only;
 - ``medmnist`` (:mod:`raymed.data.medmnist_files`): the MedMNIST release, any other flag.
@@ -102,7 +102,10 @@ def register_source(cls: type[Source]) -> type[Source]:
 
 def registered() -> list[Source]:
     """Every source, in the order they are asked."""
-    from raymed.data import image_folder, medmnist_files, own_files, reports, synthetic_clients, vqa_rad  # noqa: F401  (each registers its source)
+    from raymed import tasks
+    from raymed.data import image_folder, medmnist_files, own_files, synthetic_clients, vqa_rad  # noqa: F401  (each registers its source)
+
+    tasks.registered()  # run tasks register the sources they bring
 
     return sorted(SOURCES.values(), key=lambda s: (s.priority, s.name))
 

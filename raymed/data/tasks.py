@@ -11,11 +11,11 @@ ordinal-regression); two more kinds reuse the same rows differently:
   vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (an id past the
   classes when the answer never occurs in training: always counted wrong); the model input is the pair
   (image, question tokens). Metrics: accuracy overall and per answer type (closed / open).
-- ``report`` (:mod:`raymed.data.reports`): report generation. A row's label holds
+- ``report`` (:mod:`raymed.tasks.report.text`): report generation. A row's label holds
   ``[diagnosis, style, report token ids...]``; the model input is (image, report tokens) and its
   output the next-token logits of the report (teacher forcing; loss: cross-entropy over non-padding
   tokens). Evaluation generates reports (token ids) and scores the decoded text with BLEU-1..4,
-  ROUGE-L, CIDEr and clinical-efficacy P/R/F1 (:mod:`raymed.data.report_metrics`).
+  ROUGE-L, CIDEr and clinical-efficacy P/R/F1 (:mod:`raymed.tasks.report.metrics`).
 
 Classification losses:
 
@@ -144,6 +144,11 @@ class TaskSpec:
         return self.kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")
 
     @property
+    def rows_share_images(self) -> bool:
+        """Whether several rows ask about one image (VQA), which then stay on one side of every split."""
+        return self.kind == "vqa"
+
+    @property
     def normalisable(self) -> bool:
         """Whether inputs may be standardised by dataset statistics (super-resolution reads [−1, 1] pixels)."""
         return self.kind != "superres"
@@ -218,13 +223,13 @@ class TaskSpec:
 
     @property
     def pad_id(self) -> int:
-        from raymed.data.reports import load_tokenizer
+        from raymed.tasks.report.text import load_tokenizer
 
         return load_tokenizer(self.tokenizer).pad_token_id
 
     def decode(self, ids: np.ndarray) -> list[str]:
         """Report text of token id rows."""
-        from raymed.data.reports import decode, load_tokenizer
+        from raymed.tasks.report.text import decode, load_tokenizer
 
         return decode(load_tokenizer(self.tokenizer), ids)
 
@@ -306,7 +311,7 @@ class TaskSpec:
         if self.kind == "superres":
             return image_quality(scores, labels)
         if self.kind == "report":
-            from raymed.data.report_metrics import report_scores
+            from raymed.tasks.report.metrics import report_scores
 
             return report_scores(self.decode(scores), self.decode(labels[:, 2:]))
         if self.kind == "vqa":

@@ -1,8 +1,8 @@
 """Driver side of a run: data checked and sharded, Ray started, server actor launched, rounds logged.
 
 :class:`Federation` is one federation, stepped round by round: ``raymed run`` drives it to the end
-(:func:`run_experiment`), a Ray Tune trial drives it inside the trial's placement group and reports
-after each evaluation. Data problems are found before Ray starts (fail fast, one line). Results are
+(:func:`run_experiment`), a Ray Tune trial drives it inside the trial's placement group and hands Tune
+its metrics after each evaluation. Data problems are found before Ray starts (fail fast, one line). Results are
 written after every round, so a failure or an interrupt keeps all finished rounds and says why in
 ``summary.json``. A checkpoint holds the server state, every client's persistent state and the
 rounds so far, so a restored federation continues exactly where it stopped. It is written while the
@@ -34,6 +34,7 @@ from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, RunFailed, Terminated, find_user_error, os_error
 from raymed.experiment import validate_config
 from raymed.methods import METHODS, build_method, has_server_model
+from raymed.tasks import run_task
 from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
 from raymed.results.selection import Selection
 from raymed.results.store import RunLock, RunWriter, check_writable, run_id_of
@@ -46,14 +47,12 @@ class Federation:
     """One federation on Ray: its server actor (which owns the client pool) and its run folder."""
 
     def __init__(self, cfg: ExperimentConfig, placement: Placement | None = None, resume: str | Path | None = None):
-        from raymed.models.report import pretrained_decoder
-
         if resume is not None and METHODS[cfg.strategy.name].uses_server_model:
             raise ConfigError(
                 f"strategy {cfg.strategy.name} keeps a central model in DeepSpeed ranks, which checkpoints do not hold; "
                 f"it cannot be resumed exactly: rerun it from the start"
             )
-        cfg = pretrained_decoder(cfg)  # report runs may start from a pretrained decoder (built once, cached)
+        cfg = run_task(cfg.data.task).prepare(cfg)  # what data.task builds once (a pretrained decoder), cached
         self.cfg = cfg
         d = cfg.data
         files = locate_sources(d)
@@ -97,7 +96,7 @@ class Federation:
 
     def _start_server(self, cfg: ExperimentConfig, shard_dir: Path, placement: Placement | None) -> Any:
         """The server actor (which owns the client pool): beside this driver, or in its bundle."""
-        # A server model (report decoder, FedKIM's central model): the server's resources go to its
+        # A server model (a run task's generator, a method's central model): the server's resources go to its
         # DeepSpeed ranks, which it starts.
         own = not has_server_model(cfg)
         options: dict[str, Any] = {
@@ -237,7 +236,7 @@ class Federation:
 
         try:
             (state, tasks), selected = ray.get([self.server.final_model.remote(), self.server.get_selected.remote()], timeout=60)
-        except Exception as exc:  # the server died with the failure being reported: the metrics are kept
+        except Exception as exc:  # the server died while the failure was raised: the metrics are kept
             logger.warning("no %s written for %s: the server did not answer (%s)", MODEL_FILE, self.name, type(exc).__name__)
             return
         for name, chosen in ((MODEL_FILE, state), (SELECTED_MODEL_FILE, selected)):

@@ -393,7 +393,7 @@ def trial_workers(cfg: ExperimentConfig) -> int:
 
 
 def server_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
-    """What the server side asks for: its actor, or with a server model (report generation, FedKIM)
+    """What the server side asks for: its actor, or with a server model (a run task's generator, FedKIM's central model)
     one bundle per DeepSpeed rank (the server's CPUs and GPUs split evenly); none when it asks for none."""
     from raymed.methods import has_server_model
 
@@ -415,7 +415,7 @@ class Placement:
     """Which bundle of a placement group each actor of a federation takes (see federation_bundles)."""
 
     group: PlacementGroup
-    server_bundles: tuple[int, ...]  # the server actor's, or the decoder ranks' (report generation); () = none
+    server_bundles: tuple[int, ...]  # the server actor's, or the server model's ranks'; () = none
     worker_bundles: tuple[int, ...]
 
     @classmethod

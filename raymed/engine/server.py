@@ -93,15 +93,15 @@ class ServerActor:
         # One copy in the object store, mapped by every worker of a node; held here for the run's life.
         self.frozen_ref = ray.put(frozen) if frozen else None
         del model
-        # A server model in DeepSpeed ranks: the report decoder (the ranks generate the global
-        # reports), or a method's own (FedKIM's central model).
-        self.decoder = None
-        # Generated outputs (reports) come from the server model's ranks, not from the client pool.
+        # A server model in DeepSpeed ranks: a run task's generator (the ranks generate the global
+        # model's outputs), or a method's own (FedKIM's central model).
+        self.server_model = None
+        # Generated outputs come from the server model's ranks, not from the client pool.
         self.generated = any(t.generated for t in self.shards.tasks.values())
         if has_server_model(self.cfg):
-            from raymed.engine.decoder import DecoderGroup
+            from raymed.engine.server_model import ServerModelGroup
 
-            self.decoder = DecoderGroup(self.cfg, shard_dir, run_name, placement)
+            self.server_model = ServerModelGroup(self.cfg, shard_dir, run_name, placement)
         self.sizes = self.shards.client_sizes()
         folder = state_dir if self.cfg.engine.client_state == "disk" else None
         # Inside a placement group (a Tune trial) every actor is pinned to its bundle; otherwise Ray places them.
@@ -120,7 +120,7 @@ class ServerActor:
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
         self.node_of: dict[int, str] = {}  # worker slot -> the node it runs on, once it answered
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
-        self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (report generation)
+        self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (tasks that generate text)
         self.selected: ServerState | None = None  # the state of the round selected on validation
 
     def _start_worker(self, i: int) -> Any:
@@ -203,7 +203,7 @@ class ServerActor:
             "synthetic": self.shards.synthetic,
             "pids": {"server": os.getpid(), "client_state": ray.get(self.store.pid.remote())},
             "server_node": ray.get_runtime_context().get_node_id(),
-            **({"decoder": self.decoder.info} if self.decoder else {}),
+            **({"decoder": self.server_model.info} if self.server_model else {}),
         }
 
     # ---- one round
@@ -235,8 +235,8 @@ class ServerActor:
         else:
             self.state = self.method.aggregate(self.state, merged)
         self.state.round = r
-        if self.decoder is not None:
-            self.state = self.method.server_update(self.state, self.decoder, r)
+        if self.server_model is not None:
+            self.state = self.method.server_update(self.state, self.server_model, r)
         train_s = time.perf_counter() - start  # sampling -> aggregated model, evaluation excluded
 
         metrics: dict[str, float] = {
@@ -263,8 +263,8 @@ class ServerActor:
             eval_start = time.perf_counter()
             if self.cfg.eval.global_model:
                 metrics.update(self.evaluate_global())
-            if self.decoder is not None:
-                metrics.update(self.method.evaluate_server_model(self.decoder))
+            if self.server_model is not None:
+                metrics.update(self.method.evaluate_server_model(self.server_model))
             if self.cfg.eval.personalised:
                 personal_metrics, evaluation = self.evaluate_personalised(r)
                 metrics.update(personal_metrics)
@@ -273,7 +273,7 @@ class ServerActor:
             metrics["memory/worker_gpu_peak_mb"] = self._check_gpu_memory() / 2**20
         metrics["time/round_s"] = time.perf_counter() - start
         self.telemetry.round_finished(metrics, examples=sum(self.cfg.clients.examples_per_round(x["num_train"]) for x in accepted))
-        return {"metrics": metrics, "clients": records, "evaluation": evaluation, "reports": self.samples}
+        return {"metrics": metrics, "clients": records, "evaluation": evaluation, "samples": self.samples}
 
     def _check_gpu_memory(self) -> float:
         """Refuse (one line) workers that share a GPU and together peak past it: Ray's GPU fractions
@@ -361,8 +361,8 @@ class ServerActor:
         sizes = {(split, flag): len(self.shards.evaluation_split(flag, split)) for split in EVAL_SPLITS for flag in self.shards.tasks}
         sizes = {key: n for key, n in sizes.items() if n}
         if self.generated:  # the DeepSpeed ranks hold the server model and generate
-            self.decoder.load(weights)
-            parts = self.decoder.generate(sizes, self.cfg.eval.batch_size)
+            self.server_model.load(weights)
+            parts = self.server_model.generate(sizes, self.cfg.eval.batch_size)
         else:
             chunks: list[list[EvalChunk]] = [[] for _ in self.live_workers()]
             for (split, flag), n in sizes.items():

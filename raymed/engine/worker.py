@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -50,9 +51,19 @@ def float_state(model: torch.nn.Module) -> Weights:
 
 
 def frozen_state(model: torch.nn.Module) -> Weights:
-    """The model's frozen weights (a report decoder under LoRA), to share through the object store."""
+    """The model's frozen weights (``model.frozen_keys``: a decoder under LoRA), to share through the object store."""
     frozen = getattr(model, "frozen_keys", ())
     return {k: v.detach().cpu().numpy() for k, v in model.named_parameters() if k in frozen}  # tied weights once
+
+
+def share_frozen(model: nn.Module, frozen: dict[str, np.ndarray]) -> None:
+    """Point the model's frozen weights at ``frozen`` (arrays from Ray's object store, shared by every
+    process of a node) instead of a private copy; they are read, never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: torch warns that it cannot protect them
+        for key, param in model.named_parameters():  # tied weights (GPT-2's lm_head) are one parameter
+            if key in frozen:
+                param.data = torch.from_numpy(frozen[key])
 
 
 class ClientWorker:
@@ -67,9 +78,7 @@ class ClientWorker:
         self.tasks = self.shards.tasks
         self.method = build_method(self.cfg.strategy.name, self.cfg.strategy.params)
         model = self.method.build_model(self.cfg.model, self.tasks, self.cfg.seed)
-        if frozen:  # the frozen decoder weights: one copy per node in the object store, not one per worker
-            from raymed.models.report import share_frozen
-
+        if frozen:  # the frozen weights: one copy per node in the object store, not one per worker
             share_frozen(model, frozen)
         self.model = model.to(self.device)
         self.initial_weights = float_state(self.model)
@@ -104,7 +113,7 @@ class ClientWorker:
         down = nbytes(payload)
         engine = self.cfg.engine
         self.telemetry.set("raymed_round_clients_finished", 0, worker=str(self.index))
-        reported = time.monotonic()
+        last_progress = time.monotonic()
         for ctx, update, took, failure in self._local_training(round_, payload, client_ids, attempt):
             client_id = ctx.client_id
             record = client_record(round_, client_id, ctx.shard, self.index, attempt, client_id in self.faults.byzantine)
@@ -136,9 +145,9 @@ class ClientWorker:
                 accumulator.add(update)
                 if update.state is not None:
                     states[client_id] = update.state
-            if time.monotonic() - reported > _PROGRESS_EVERY_S:
+            if time.monotonic() - last_progress > _PROGRESS_EVERY_S:
                 self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
-                reported = time.monotonic()
+                last_progress = time.monotonic()
         self.telemetry.set("raymed_round_clients_finished", len(records), worker=str(self.index))
         if states:
             self.states.put_many(states)  # stored before the round ends

@@ -12,6 +12,7 @@ from raymed.methods.base import (
     local_sgd,
     register_method,
 )
+from raymed.tasks import run_task  # noqa: E402
 from raymed.methods import central, ditto, dpfedavg, fedavg, fedavgm, fedbn, fedkim, fedmrg, fedopt, fedper, fedprox, lorkd, mafm3, omnifm, robust, scaffold  # noqa: E402,F401  (registers the methods)
 
 
@@ -21,9 +22,9 @@ def build_method(name: str, params: dict) -> Method:
 
 
 def has_server_model(cfg) -> bool:
-    """Whether the server holds a model in DeepSpeed ranks: the report decoder, or a method's own
-    server-side model (FedKIM's central model)."""
-    return cfg.data.task == "report" or METHODS[cfg.strategy.name].uses_server_model
+    """Whether the server holds a model in DeepSpeed ranks: a run task's generator (report
+    generation), or a method's own server-side model (FedKIM's central model)."""
+    return run_task(cfg.data.task).server_model or METHODS[cfg.strategy.name].uses_server_model
 
 
 __all__ = [

@@ -30,7 +30,8 @@ from raymed.data.augment import Policy, augment, policy_for
 from raymed.data.shards import ClientShard, Split
 from raymed.checkpointable import checkpointable
 from raymed.data.tasks import ModelInput, TaskSpec
-from raymed.models import FedModel, build_model
+from raymed.models import FedModel
+from raymed.tasks import build_task_model
 
 Weights = dict[str, np.ndarray]
 Penalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # trained parameters by name -> extra loss
@@ -485,13 +486,10 @@ class Method(ABC):
 
     def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> FedModel:
         """The model this method trains (the same seed gives the same weights in every process): a
-        classifier/regressor with a head per dataset, or the report generator for report tasks;
-        methods that add modules around the backbone (OmniFM, FedMRG) override it."""
-        if any(t.kind == "report" for t in tasks.values()):
-            from raymed.models.report import build_report_model
-
-            return build_report_model(cfg, tasks, seed)
-        return build_model(cfg.name, tasks, seed)
+        classifier/regressor with a head per dataset, or the model a run task builds for its kind of
+        dataset (:func:`raymed.tasks.build_task_model`); methods that add modules around the backbone
+        (OmniFM, FedMRG) override it."""
+        return build_task_model(cfg, tasks, seed)
 
     def prepare(self, cfg: ExperimentConfig, shard_dir: str) -> ExperimentConfig:
         """Build what the run needs once, before any actor starts (FedKIM: the central model's
@@ -499,7 +497,7 @@ class Method(ABC):
         return cfg
 
     def build_server_model(self, cfg: ExperimentConfig, shards: Any) -> torch.nn.Module:
-        """The model the server's DeepSpeed ranks hold: the report model, or a method's own."""
+        """The model the server's DeepSpeed ranks hold: the run task's generator, or a method's own."""
         return self.build_model(cfg.model, shards.tasks, cfg.seed)
 
     # ---- server half
@@ -525,7 +523,7 @@ class Method(ABC):
 
     def server_update(self, state: ServerState, server: Any, round_: int) -> ServerState:
         """After aggregation, for methods with a server model (``server`` is the engine's
-        :class:`~raymed.engine.decoder.DecoderGroup`): e.g. FedKIM's injection and central training."""
+        :class:`~raymed.engine.server_model.ServerModelGroup`): e.g. FedKIM's injection and central training."""
         return state
 
     def round_metrics(self, state: ServerState, records: list[dict[str, Any]]) -> dict[str, float]:

@@ -110,10 +110,10 @@ class FedKIM(Method):
         a word-level tokenizer over the tasks' text and the server's questions and answers, and a GPT-2
         of ``model.decoder``'s size, pretrained on IU X-Ray report text when ``pretrain_epochs`` > 0.
         A given ``model.decoder.checkpoint`` (with its tokenizer) is used as it is."""
-        from raymed.data import reports
+        from raymed.tasks.report import text as reports
         from raymed.data.instructions import examples, strings, tasks_of
         from raymed.data.shards import ShardSet
-        from raymed.models.report import pretrain_lm
+        from raymed.tasks.report.model import pretrain_lm
 
         d, p = cfg.model.decoder, self.params
         if d.checkpoint:

@@ -1,6 +1,6 @@
 """FedMRG — "Federated Medical Report Generation" (IEEE TMI 2025), https://arxiv.org/abs/2506.17562
 
-The report model (:mod:`raymed.models.report`) is an image encoder whose spatial tokens form a visual
+The report model (:mod:`raymed.tasks.report.model`) is an image encoder whose spatial tokens form a visual
 prefix for a causal LM decoder, followed by a diagnosis-driven prompt. The decoder carries two LoRA
 adapters: a generic one G, federated, and a specialised one S, which never leaves its client.
 
@@ -48,7 +48,7 @@ from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
 from raymed.methods.fedavg import FedAvgParams, client_weight
-from raymed.models.report import ReportModel, build_report_model
+from raymed.tasks.report.model import ReportModel, build_report_model
 
 GENERIC, SPECIALISED = "generic", "specialised"
 PROTOTYPES = "fedmrg.prototypes"  # broadcast beside the weights; not a model parameter

@@ -172,7 +172,7 @@ class CentralModel(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        from raymed.data.reports import load_tokenizer, special_ids
+        from raymed.tasks.report.text import load_tokenizer, special_ids
 
         d = cfg.decoder
         self.spec, self.tasks = spec, spec.tasks
@@ -242,7 +242,7 @@ class CentralModel(nn.Module):
         """Tokenise every task's rows of ``split`` once (``server``: trained tasks; ``test``: all)."""
         if split in self._data:
             return
-        from raymed.data.reports import encode
+        from raymed.tasks.report.text import encode
 
         data = []
         for task in self.tasks:
@@ -312,7 +312,7 @@ class CentralModel(nn.Module):
     @torch.no_grad()
     def answer(self, split: str, batch: Batch) -> Answers:
         """Greedy answers of a batch, beside the references."""
-        from raymed.data.reports import decode
+        from raymed.tasks.report.text import decode
 
         images, questions, _ = self._tensors(split, batch)
         prefix, mask = self._prefix(batch.task, images, questions)

@@ -230,9 +230,9 @@ class RunWriter:
             if result.get(part):
                 (self.dir / part).mkdir(exist_ok=True)
                 _atomic_parquet(_table(result[part]), self.dir / part / f"round-{r:04d}.parquet")
-        if result.get("reports"):
+        if result.get("samples"):  # generated reports beside their references
             (self.dir / "reports").mkdir(exist_ok=True)
-            atomic_write(self.dir / "reports" / f"round-{r:04d}.jsonl", "".join(json.dumps(row) + "\n" for row in result["reports"]))
+            atomic_write(self.dir / "reports" / f"round-{r:04d}.jsonl", "".join(json.dumps(row) + "\n" for row in result["samples"]))
 
     def restore_rounds(self, rounds: list[dict[str, float]]) -> None:
         """Start from the rounds of a checkpoint (their per-client files stay in the earlier run's folder)."""

@@ -220,7 +220,7 @@ def load_r2gen(folder: Path, split: str, size: int) -> tuple[np.ndarray, np.ndar
     """Images (N×size×size uint8), diagnosis labels (N×1: 1 = the labeler finds something) and report text."""
     from PIL import Image, UnidentifiedImageError
 
-    from raymed.data.report_metrics import label_report
+    from raymed.tasks.report.metrics import label_report
 
     entries = r2gen_annotation(folder)[split]
     images = np.empty((len(entries), size, size), np.uint8)

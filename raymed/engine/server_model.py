@@ -1,16 +1,16 @@
-"""The server's report decoder under DeepSpeed ZeRO (report-generation runs).
+"""The server's model under DeepSpeed ZeRO: a run task's generator, or a method's own central model.
 
-The server actor coordinates; the master report model (encoder + decoder + adapters) lives in
+The server actor coordinates; the master model (a run task's: e.g. encoder + decoder + adapters) lives in
 ``server.ranks`` DeepSpeed ranks, each a Ray actor holding a ``DeepSpeedEngine`` at ZeRO stage
 ``server.zero_stage`` (optimizer-state offload to CPU at stage >= 1 and parameter offload at stage 3
 with ``server.offload=cpu``). With several ranks ZeRO shards across them (stage 3: the parameters
 themselves). After every aggregation the server loads the global weights into the engine, and the
-ranks generate the global model's reports for evaluation in batches, each rank a share of the test
-split. :meth:`DecoderGroup.train_step` is the server-side optimisation step (data parallel over the
+ranks generate the global model's outputs for evaluation in batches (tasks whose outputs are
+generated: :attr:`raymed.tasks.RunTask.server_model`), each rank a share of the split. :meth:`ServerModelGroup.train_step` is the server-side optimisation step (data parallel over the
 ranks) for methods that train on the server.
 
 A method may put a model of its own here instead (``Method.build_server_model``; FedKIM's central
-model): :meth:`DecoderGroup.fit` trains it on the server's own split and :meth:`DecoderGroup.answer`
+model): :meth:`ServerModelGroup.fit` trains it on the server's own split and :meth:`ServerModelGroup.answer`
 runs it on a split, through the model's ``batches``/``batch_loss``/``answer``.
 
 Ranks: RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set per actor and LOCAL_RANK=0 (Ray gives each
@@ -36,10 +36,10 @@ from raymed.experiment import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.devices import local_rank_env
 from raymed.engine.runtime import Placement, configure_torch
+from raymed.engine.worker import EvalChunk
 from raymed.errors import ResourceError
 from raymed.methods import Weights, build_method
 
-Chunk = tuple[str, str, int, int]  # (split: val | test, dataset, first row, end row)
 
 
 def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -61,8 +61,8 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-class DecoderRank:
-    """One DeepSpeed rank holding the master report model (a Ray actor)."""
+class ServerModelRank:
+    """One DeepSpeed rank holding the master server model (a Ray actor)."""
 
     def __init__(self, cfg: dict[str, Any], shard_dir: str, rank: int, world_size: int):
         self.cfg = validate_config(cfg)
@@ -144,8 +144,8 @@ class DecoderRank:
             return {k: p.detach().cpu().numpy().copy() for k, p in zip(keys, chosen)}
 
     @torch.no_grad()
-    def generate(self, batches: list[Chunk]) -> list[tuple[str, str, int, np.ndarray]]:
-        """Generated report ids for each batch of validation or test rows."""
+    def generate(self, batches: list[EvalChunk]) -> list[tuple[str, str, int, np.ndarray]]:
+        """Generated outputs (token ids) for each batch of validation or test rows."""
         module = self.engine.module
         module.eval()
         out = []
@@ -192,13 +192,13 @@ class DecoderRank:
         return [module.answer(split, batch) for batch in batches]
 
 
-class DecoderGroup:
+class ServerModelGroup:
     """The server's DeepSpeed ranks, started together and driven together."""
 
     def __init__(self, cfg: ExperimentConfig, shard_dir: str, run_name: str, placement: Placement | None = None):
         s = cfg.server
         self.cfg = cfg
-        cls = ray.remote(DecoderRank)
+        cls = ray.remote(ServerModelRank)
         self.ranks = []
         for rank in range(s.ranks):
             options: dict[str, Any] = {"name": f"{run_name}.decoder-rank-{rank}", "num_cpus": s.num_cpus / s.ranks, "num_gpus": s.num_gpus / s.ranks}
@@ -224,9 +224,9 @@ class DecoderGroup:
         return ray.get([r.read.remote(keys) for r in self.ranks])[0]
 
     def generate(self, sizes: dict[tuple[str, str], int], batch_size: int) -> list[tuple[str, str, int, np.ndarray]]:
-        """Reports for every row of each (split, dataset) of ``sizes``, each rank generating an equal
+        """Outputs for every row of each (split, dataset) of ``sizes``, each rank generating an equal
         number of batches (ZeRO-3 ranks run every forward pass together, so none may stop early)."""
-        per_rank: list[list[Chunk]] = [[] for _ in self.ranks]
+        per_rank: list[list[EvalChunk]] = [[] for _ in self.ranks]
         for (split, flag), n in sizes.items():
             shares = np.array_split(np.arange(n), len(self.ranks))
             num_batches = max(1, math.ceil(max(len(s) for s in shares) / batch_size))

@@ -33,7 +33,9 @@ from torch import nn
 
 from raymed.config import DecoderConfig, ExperimentConfig, ModelConfig
 from raymed.data.tasks import ModelInput, TaskSpec
+from raymed.errors import ConfigError
 from raymed.models import Backbone, build_backbone, images_of
+from raymed.tasks.report import text as reports
 
 
 @dataclass
@@ -45,18 +47,14 @@ class ReportOutput:
 
 def build_decoder(cfg: DecoderConfig, task: TaskSpec, context: int) -> nn.Module:
     """The causal LM: a local checkpoint, or GPT-2 of the configured size with random weights."""
-    from raymed.data.reports import load_tokenizer, special_ids
-
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if cfg.checkpoint:
         try:
             return AutoModelForCausalLM.from_pretrained(cfg.checkpoint, local_files_only=True)
         except (OSError, ValueError) as exc:
-            from raymed.errors import ConfigError
-
             raise ConfigError(f"model.decoder.checkpoint: {cfg.checkpoint} could not be loaded ({exc}); give a local transformers checkpoint folder") from None
-    pad, bos, eos = special_ids(load_tokenizer(task.tokenizer))
+    pad, bos, eos = reports.special_ids(reports.load_tokenizer(task.tokenizer))
     config = GPT2Config(
         vocab_size=task.vocab_size, n_positions=context, n_embd=cfg.width, n_layer=cfg.layers, n_head=cfg.heads,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
@@ -67,12 +65,10 @@ def build_decoder(cfg: DecoderConfig, task: TaskSpec, context: int) -> nn.Module
 class ReportModel(nn.Module):
     def __init__(self, backbone: Backbone, in_channels: int, task: TaskSpec, cfg: DecoderConfig, prompts: bool, adapters: tuple[str, ...]):
         super().__init__()
-        from raymed.data.reports import load_tokenizer, prompt_texts, special_ids
-
         self.in_channels, self.task, self.prefix_tokens = in_channels, task, cfg.prefix_tokens
-        tokenizer = load_tokenizer(task.tokenizer)
-        self.pad_id, self.bos_id, self.eos_id = special_ids(tokenizer)
-        rows = tokenizer(prompt_texts(task.dataset), add_special_tokens=False)["input_ids"] if prompts else [[]] * task.num_classes
+        tokenizer = reports.load_tokenizer(task.tokenizer)
+        self.pad_id, self.bos_id, self.eos_id = reports.special_ids(tokenizer)
+        rows = tokenizer(reports.prompt_texts(task.dataset), add_special_tokens=False)["input_ids"] if prompts else [[]] * task.num_classes
         longest = max(map(len, rows))
         prompt_ids = np.array([row + [self.pad_id] * (longest - len(row)) for row in rows], dtype=np.int64)
         context = cfg.prefix_tokens + prompt_ids.shape[1] + task.report_len
@@ -191,16 +187,6 @@ def build_report_model(cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int, 
         return ReportModel(backbone, in_channels, task, cfg.decoder, prompts, adapters)
 
 
-def share_frozen(model: nn.Module, frozen: dict[str, np.ndarray]) -> None:
-    """Point the model's frozen weights at ``frozen`` (arrays from Ray's object store, shared by every
-    process of a node) instead of a private copy; they are read, never written."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: torch warns that it cannot protect them
-        for key, param in model.named_parameters():  # tied weights (GPT-2's lm_head) are one parameter
-            if key in frozen:
-                param.data = torch.from_numpy(frozen[key])
-
-
 # ---------------------------------------------------------------------------------------------------
 # A pretrained decoder (model.decoder.pretrain_epochs)
 
@@ -213,8 +199,7 @@ def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
     d = cfg.model.decoder
     if cfg.data.task != "report" or d.checkpoint or not d.pretrain_epochs:
         return cfg
-    from raymed.data import reports
-    from raymed.data.shards import default_cache_dir
+    from raymed.data.shards import default_cache_dir  # the shard writer asks this package's hooks
 
     if "r2gen" in cfg.data.datasets:
         root = reports.find_root(cfg.data.report_root, "annotation.json")
@@ -239,7 +224,6 @@ def pretrain_lm(
     epochs (0: saved as initialised), saved with its tokenizer (which also knows the words of ``extra``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from raymed.data import reports
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
