@@ -171,21 +171,58 @@ def default_cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".shards")
 
 
+Rows = dict[str, tuple[np.ndarray, np.ndarray]]  # dataset -> (images N×C×spatial, labels) of one split
+
+
 def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -> Path:
     """Build (or reuse) the shard set for ``cfg``; return its folder."""
-    d = cfg.data
-    files = files if files is not None else locate_sources(d)
+    files = files if files is not None else locate_sources(cfg.data)
     out = (default_cache_dir(cfg) / shard_key(cfg, files)).resolve()  # actors may run in other folders
     if (out / "meta.json").is_file():
         return out
+    rng = np.random.default_rng([cfg.seed, 0x5A4D])  # caps, then each client's local split: one stream, in this order
+    train, val, test, server = _load_splits(cfg, files, rng)
+    tasks = _dataset_tasks(cfg, files, train)
+    # Several rows about one image (question answering): an image's rows stay together, at one client
+    # and on one side of its local split, so no held-out question shares an image with a trained one.
+    groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].rows_share_images}
+    clients = _deal(cfg, files, tasks, train, groups)
 
-    rng = np.random.default_rng([cfg.seed, 0x5A4D])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:  # a failure part-way (a full disk) leaves no half-written temporary folder behind
+        run_task(cfg.data.task).attach(cfg, files, tasks, train, val, test, clients, tmp, out)
+        _write_clients(cfg, train, clients, groups, rng, tmp)
+        for name, splits in (("val", val), ("server", server), ("test", test)):
+            for flag, split in splits.items():
+                _write_arrow(tmp / f"{flag}.{name}.arrow", *split)
+        meta = {
+            "format": FORMAT_VERSION,
+            "num_clients": cfg.clients.num,
+            "datasets": {f.flag: _describe(cfg, f, tasks, train, val, test, server) for f in files if f.flag in train},
+            "held_out": {f.flag: _describe(cfg, f, tasks, train, val, test, server) for f in files if f.flag not in train},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built the same shard set first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _load_splits(cfg: ExperimentConfig, files: list[DatasetFile], rng: np.random.Generator) -> tuple[Rows, Rows, Rows, Rows]:
+    """Every dataset's training, validation, test and server rows, channel-first, capped as configured."""
+    d = cfg.data
     server_rng = np.random.default_rng([cfg.seed, 0x5E7])
     val_rng = np.random.default_rng([cfg.seed, 0x7A1])
-    train: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    val: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    test: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    server: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    train: Rows = {}
+    val: Rows = {}
+    test: Rows = {}
+    server: Rows = {}
 
     def capped(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
         if cap and len(x) > cap:
@@ -214,85 +251,76 @@ def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -
             train[f.flag] = (_channel_first(x, spatial), y)
         xt, yt = capped(*load_source(f, "test"), d.max_test_per_dataset)
         test[f.flag] = (_channel_first(xt, spatial), yt)
+    return train, val, test, server
 
+
+def _dataset_tasks(cfg: ExperimentConfig, files: list[DatasetFile], train: Rows) -> dict[str, TaskSpec]:
+    """Each dataset's task as this run sets it: a shared label space, the training rows' own input statistics."""
     tasks = {f.flag: source_task(f, cfg) for f in files}
     if cfg.model.head == "shared":
         tasks = shared_label_space(tasks)
-    if d.normalise == "dataset":
+    if cfg.data.normalise == "dataset":
         for flag, (x, _) in train.items():
             if tasks[flag].normalisable:
                 mean, std = channel_statistics(x)
                 tasks[flag] = replace(tasks[flag], mean=mean, std=std)
-    # Several rows about one image (question answering): an image's rows stay together, at one client
-    # and on one side of its local split, so no held-out question shares an image with a trained one.
-    groups = {flag: image_groups(x) for flag, (x, _) in train.items() if tasks[flag].rows_share_images}
+    return tasks
+
+
+def _deal(cfg: ExperimentConfig, files: list[DatasetFile], tasks: dict[str, TaskSpec], train: Rows, groups: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each client's training rows per dataset: by the data's own sites, or by the configured partitioner."""
+    d = cfg.data
     if d.partition == "by_site":
-        clients = partition_by_site({f.flag: source_of_file(f).sites(f, "train") for f in files if f.flag in train}, cfg.clients.num)
-    else:
-        clients = partition_by_image(
-            {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, groups,
-            lambda labels: partition(labels, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples),
-        )
+        return partition_by_site({f.flag: source_of_file(f).sites(f, "train") for f in files if f.flag in train}, cfg.clients.num)
+    return partition_by_image(
+        {flag: tasks[flag].partition_labels(y) for flag, (_, y) in train.items()}, groups,
+        lambda labels: partition(labels, d.partition, cfg.clients.num, cfg.seed, d.alpha, d.min_examples),
+    )
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:  # a failure part-way (a full disk) leaves no half-written temporary folder behind
-        run_task(d.task).attach(cfg, files, tasks, train, val, test, clients, tmp, out)
-        index_rows = []
-        for flag, (x, y) in train.items():
-            order, offset = [], 0
-            for cid, rows_by_flag in enumerate(clients):
-                rows = rows_by_flag.get(flag)
-                if rows is None:
-                    continue
-                local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng, groups[flag][rows] if flag in groups else None)
-                order += [rows[local], rows[local_val], rows[held]]
-                index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
-                offset += len(rows)
-            order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
-            _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
-        for name, splits in (("val", val), ("server", server), ("test", test)):
-            for flag, split in splits.items():
-                _write_arrow(tmp / f"{flag}.{name}.arrow", *split)
 
-        cids, flags, offsets, n_train, n_val, n_hold = zip(*sorted(index_rows))
-        pq.write_table(
-            pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_val": n_val, "num_holdout": n_hold}),
-            tmp / "index.parquet",
-        )
+def _write_clients(
+    cfg: ExperimentConfig, train: Rows, clients: list[dict[str, np.ndarray]], groups: dict[str, np.ndarray], rng: np.random.Generator, tmp: Path
+) -> None:
+    """The training files, each client's rows one contiguous block [local train | validation | held
+    out], and the index of those blocks."""
+    d = cfg.data
+    index_rows = []
+    for flag, (x, y) in train.items():
+        order, offset = [], 0
+        for cid, rows_by_flag in enumerate(clients):
+            rows = rows_by_flag.get(flag)
+            if rows is None:
+                continue
+            local, local_val, held = local_split(len(rows), d.val_fraction, d.holdout_fraction, rng, groups[flag][rows] if flag in groups else None)
+            order += [rows[local], rows[local_val], rows[held]]
+            index_rows.append((cid, flag, offset, len(local), len(local_val), len(held)))
+            offset += len(rows)
+        order_arr = np.concatenate(order) if order else np.empty(0, np.int64)
+        _write_arrow(tmp / f"{flag}.train.arrow", x[order_arr], y[order_arr])
+    cids, flags, offsets, n_train, n_val, n_hold = zip(*sorted(index_rows))
+    pq.write_table(
+        pa.table({"client_id": cids, "dataset": flags, "offset": offsets, "num_train": n_train, "num_val": n_val, "num_holdout": n_hold}),
+        tmp / "index.parquet",
+    )
 
-        def describe(f: DatasetFile) -> dict:
-            return {
-                "shape": list(test[f.flag][0].shape[1:]),
-                "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
-                "num_val": int(len(val[f.flag][0])) if f.flag in val else 0,
-                "val_source": ("own" if has_val_split(f) else f"carved from train ({d.val_fraction:g}, by image)") if f.flag in val else None,
-                "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
-                "num_test": int(len(test[f.flag][0])),
-                "file": str(f.path),
-                "md5": f.md5,
-                "synthetic": f.synthetic,
-                "task": asdict(tasks[f.flag]),
-                "class_counts": {name: class_counts(tasks[f.flag], split[f.flag][1]) for name, split in (("train", train), ("val", val), ("test", test))
-                                 if f.flag in split and tasks[f.flag].kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")},
-            }
 
-        meta = {
-            "format": FORMAT_VERSION,
-            "num_clients": cfg.clients.num,
-            "datasets": {f.flag: describe(f) for f in files if f.flag in train},
-            "held_out": {f.flag: describe(f) for f in files if f.flag not in train},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(out)
-    except OSError:  # another process built the same shard set first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+def _describe(cfg: ExperimentConfig, f: DatasetFile, tasks: dict[str, TaskSpec], train: Rows, val: Rows, test: Rows, server: Rows) -> dict:
+    """A dataset's entry in meta.json: shapes, row counts, source file and md5, task, class counts."""
+    task = tasks[f.flag]
+    return {
+        "shape": list(test[f.flag][0].shape[1:]),
+        "num_train": int(len(train[f.flag][0])) if f.flag in train else 0,
+        "num_val": int(len(val[f.flag][0])) if f.flag in val else 0,
+        "val_source": ("own" if has_val_split(f) else f"carved from train ({cfg.data.val_fraction:g}, by image)") if f.flag in val else None,
+        "num_server": int(len(server[f.flag][0])) if f.flag in server else 0,
+        "num_test": int(len(test[f.flag][0])),
+        "file": str(f.path),
+        "md5": f.md5,
+        "synthetic": f.synthetic,
+        "task": asdict(task),
+        "class_counts": {name: class_counts(task, split[f.flag][1]) for name, split in (("train", train), ("val", val), ("test", test))
+                         if f.flag in split and task.kind in ("binary", "multiclass", "multilabel", "ordinal", "prognosis")},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ _EXPORTS = {
     "init_ray": "raymed.engine.runtime",
     "plan_workers": "raymed.engine.runtime",
     "ServerActor": "raymed.engine.server",
-    "assign": "raymed.engine.server",
+    "assign": "raymed.engine.pool",
     "sample_clients": "raymed.engine.server",
     "ClientWorker": "raymed.engine.worker",
 }

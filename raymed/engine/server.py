@@ -1,14 +1,15 @@
-"""The server actor: owns the global state, runs rounds over the client worker pool, evaluates.
+"""The server actor: owns the global state and runs the round loop; the client workers are its
+:class:`~raymed.engine.pool.WorkerPool`, evaluation is :mod:`raymed.engine.evaluation`.
 
 One round::
 
     sample ⌈fraction·N⌉ clients (seeded by (seed, round))
     ray.put(method.broadcast(state))            one object per state, shared by every worker, by the
                                                 round's evaluations and by the next round's training
-    workers train their share of the clients   one call per worker, one partial aggregate back
+    workers train their share of the clients   one call per worker, one partial aggregate per node back
     state ← method.aggregate(state, merged)
     evaluate (every eval.every rounds and after the last): the global model on each dataset's
-    test split, and every client's personalised model on its own held-out rows
+    validation and test split, and every client's personalised model on its own rows
 
 Clients' persistent state (FedPer heads, ...) lives in a separate state-store actor that the workers
 read and write directly: the server only passes its handle on and never receives a client's state.
@@ -16,12 +17,9 @@ read and write directly: the server only passes its handle on and never receives
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,9 +34,10 @@ from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
 from raymed.engine.runtime import Placement
 from raymed.engine.telemetry import Telemetry
-from raymed.engine.worker import ClientWorker, EvalChunk, answers, client_record, float_state, frozen_state
-from raymed.results.metrics import EVAL_SPLITS, metric_prefix
-from raymed.errors import ClientFailure, RaymedError, ResourceError
+from raymed.engine.evaluation import evaluate_global, evaluate_personalised
+from raymed.engine.pool import WorkerPool, assign
+from raymed.engine.worker import client_record, float_state, frozen_state
+from raymed.errors import ClientFailure, RaymedError
 from raymed.methods import ServerState, WeightedMean, build_method, has_server_model
 
 logger = logging.getLogger("raymed")
@@ -51,17 +50,6 @@ def sample_clients(seed: int, round_: int, num_clients: int, fraction: float, on
     k = min(clients_per_round(num_clients, fraction), len(pool))
     rng = np.random.default_rng([seed, round_, 0x5A3])
     return sorted(int(c) for c in rng.choice(pool, size=k, replace=False)) if k else []
-
-
-def assign(clients: list[int], cost: dict[int, int], num_workers: int) -> list[list[int]]:
-    """Spread clients over workers by longest-processing-time first (deterministic)."""
-    groups: list[list[int]] = [[] for _ in range(num_workers)]
-    load = [0] * num_workers
-    for client in sorted(clients, key=lambda c: (-cost[c], c)):
-        w = min(range(num_workers), key=lambda i: (load[i], i))
-        groups[w].append(client)
-        load[w] += max(cost[client], 1)
-    return groups
 
 
 class ServerActor:
@@ -113,82 +101,10 @@ class ServerActor:
             ray.remote(ClientStateStore).options(name=f"{run_name}.client-state", num_cpus=0, max_concurrency=4, **helper).remote(folder)
         )
         self.faults = FaultPlan(self.cfg)
-        self._spawn = (cfg, shard_dir, run_name, placement)
-        self.worker_nodes = worker_nodes  # the node each worker slot is planned on (runtime.plan_nodes), or None
-        self.replaced = [0] * num_workers  # how many times each pool slot's worker was replaced
-        self.workers = [self._start_worker(i) for i in range(num_workers)]
-        self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers
-        self.node_of: dict[int, str] = {}  # worker slot -> the node it runs on, once it answered
+        self.pool = WorkerPool(self.cfg, (cfg, shard_dir, run_name, placement), self.store, self.frozen_ref, num_workers, worker_nodes)
         self._worker_info: list[dict[str, Any]] | None = None  # filled by describe(), which waits for them
         self.samples: list[dict[str, Any]] = []  # generated outputs beside their references (tasks that generate text)
         self.selected: ServerState | None = None  # the state of the round selected on validation
-
-    def _start_worker(self, i: int) -> Any:
-        cfg, shard_dir, run_name, placement = self._spawn
-        c = self.cfg.clients
-        suffix = f".{self.replaced[i]}" if self.replaced[i] else ""
-        return (
-            ray.remote(ClientWorker)
-            .options(
-                name=f"{run_name}.client-pool-{i}{suffix}",
-                num_cpus=c.num_cpus,
-                num_gpus=c.num_gpus,
-                **self._where(i, placement),
-            )
-            .remote(cfg, shard_dir, i, self.store, run_name, self.frozen_ref)
-        )
-
-    def _where(self, i: int, placement: Placement | None) -> dict[str, Any]:
-        """Worker slot ``i``'s scheduling: its bundle in a placement group (a Tune trial), else its
-        planned node (soft: a replacement for a worker of a lost node goes wherever it fits)."""
-        if placement:
-            return {"scheduling_strategy": placement.strategy(placement.worker_bundles[i])}
-        if self.worker_nodes and i < len(self.worker_nodes):
-            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.worker_nodes[i], soft=True)}
-        return {}
-
-    def _replace_worker(self, i: int, why: str) -> None:
-        """A worker died or hung: kill what is left of it and start a new one in its slot. The new
-        one joins once it answers (on a lost node it may wait for resources: the others go on)."""
-        logger.warning("%s; replacing it", why)
-        ray.kill(self.workers[i], no_restart=True)
-        self.replaced[i] += 1
-        self.workers[i] = self._start_worker(i)
-        self._ready[i] = self.workers[i].info.remote()
-
-    def live_workers(self) -> list[int]:
-        """Indices of the workers that answer; waits (engine.start_timeout_s) when none does yet."""
-        done, _ = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
-        if not done:
-            done, _ = ray.wait(self._ready, num_returns=1, timeout=self.cfg.engine.start_timeout_s)
-        live = []
-        for i, ref in enumerate(self._ready):
-            if ref in done:
-                try:
-                    self.node_of[i] = ray.get(ref)["node_id"]
-                    live.append(i)
-                except ray.exceptions.RayError:  # died while starting: try a fresh one
-                    self._replace_worker(i, f"worker {i} failed to start")
-        if not live:
-            raise ResourceError(
-                f"no client worker is alive or could be placed within engine.start_timeout_s={self.cfg.engine.start_timeout_s:g} s; "
-                f"see `ray status` for lost nodes and held resources"
-            )
-        return live
-
-    def _wait_for_workers(self) -> list[dict[str, Any]]:
-        """Ray's resources are logical: a worker that cannot be placed waits forever, so bound the wait."""
-        refs = self._ready
-        timeout = self.cfg.engine.start_timeout_s
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            c = self.cfg.clients
-            raise ResourceError(
-                f"{len(pending)} of {len(refs)} client workers (clients.num_cpus={c.num_cpus:g}, clients.num_gpus={c.num_gpus:g} "
-                f"each) were not placed within {timeout:g} s: other work holds the cluster's resources (see `ray status`); "
-                f"let it finish, lower engine.num_workers, or raise engine.start_timeout_s"
-            )
-        return ray.get(refs)
 
     def describe(self) -> dict[str, Any]:
         """Where the workers run, once they all do (raises ResourceError if they cannot be placed, and
@@ -196,7 +112,7 @@ class ServerActor:
         if self.refusal is not None:
             raise self.refusal
         if self._worker_info is None:
-            self._worker_info = self._wait_for_workers()
+            self._worker_info = self.pool.wait_all()
         return {
             "workers": self._worker_info,
             "num_clients": self.shards.num_clients,
@@ -262,11 +178,12 @@ class ServerActor:
         if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             eval_start = time.perf_counter()
             if self.cfg.eval.global_model:
-                metrics.update(self.evaluate_global())
+                global_metrics, self.samples = evaluate_global(self)
+                metrics.update(global_metrics)
             if self.server_model is not None:
                 metrics.update(self.method.evaluate_server_model(self.server_model))
             if self.cfg.eval.personalised:
-                personal_metrics, evaluation = self.evaluate_personalised(r)
+                personal_metrics, evaluation = evaluate_personalised(self, r)
                 metrics.update(personal_metrics)
             metrics["time/eval_s"] = time.perf_counter() - eval_start
         if self.cfg.clients.num_gpus > 0:  # after training and evaluation, both of which peak
@@ -278,8 +195,8 @@ class ServerActor:
     def _check_gpu_memory(self) -> float:
         """Refuse (one line) workers that share a GPU and together peak past it: Ray's GPU fractions
         are logical and cap nothing. Returns the largest worker's peak, in bytes."""
-        live = self.live_workers()
-        measured = [m for m in ray.get([self.workers[i].gpu_memory.remote() for i in live]) if m is not None]
+        live = self.pool.live()
+        measured = [m for m in ray.get([self.pool.workers[i].gpu_memory.remote() for i in live]) if m is not None]
         check_gpu_fit(measured)
         return float(max((m["peak_bytes"] for m in measured), default=float("nan")))
 
@@ -293,14 +210,14 @@ class ServerActor:
         peaks: list[float] = []
         todo, attempt, partials = list(sampled), 0, 0
         while todo:
-            live = self.live_workers()
+            live = self.pool.live()
             if engine.mode == "dedicated" and attempt == 0 and all(c in live for c in todo):
                 groups = {c: [c] for c in todo}
             else:
                 parts = assign(todo, {c: self.sizes[c][0] for c in todo}, len(live))
                 groups = {w: g for w, g in zip(live, parts) if g}
             failed = []
-            for result in self._dispatch(r, payload_ref, groups, attempt):
+            for result in self.pool.train(r, payload_ref, groups, attempt, lambda w, why: self._lost(w, groups[w], r, attempt, why)):
                 merged.merge(result["accumulator"])
                 partials += result["accumulator"].count > 0
                 records += result["records"]
@@ -310,164 +227,16 @@ class ServerActor:
             todo, attempt = (sorted(failed), attempt + 1) if retry else ([], attempt)
         return merged, records, peaks, partials
 
-    def _dispatch(self, r: int, payload_ref: Any, groups: dict[int, list[int]], attempt: int):
-        """One training call per worker, reduced per node: the node's first worker, once its own
-        clients are trained, folds in the partials of the node's other workers (through the node's
-        object store, in worker order, each as soon as it is there), so one partial per node reaches
-        the server, which merges them in node order (the sums never depend on who finished first).
-        A worker that dies or exceeds engine.worker_timeout_s is replaced, and its clients come back
-        as failed records (or stop the run under policy stop)."""
-        timeout = self.cfg.engine.worker_timeout_s
-        by_node: dict[str, list[int]] = {}
-        for w in groups:
-            by_node.setdefault(self.node_of.get(w, f"worker-{w}"), []).append(w)
-        trees = []  # (the reducing worker, its call, [(other worker, its call)])
-        for workers in by_node.values():
-            first, rest = workers[0], workers[1:]
-            others = [(w, self.workers[w].train.remote(r, payload_ref, groups[w], attempt)) for w in rest]
-            trees.append((first, self.workers[first].train.remote(r, payload_ref, groups[first], attempt, others, timeout), others))
-        # The reducing worker keeps the deadline for the others itself: give it a little longer to say which were late.
-        deadline = None if timeout is None else time.monotonic() + timeout + max(1.0, 0.1 * timeout)
-        for first, ref, others in trees:
-            for _, result, why in answers([(first, ref)], deadline, timeout):
-                if why is None:
-                    yield from (self._lost(w, groups[w], r, attempt, lost) for w, lost in result.pop("lost"))
-                    yield result
-                    continue
-                # The reducing worker is gone: take its node's other partials directly.
-                yield self._lost(first, groups[first], r, attempt, why)
-                for w, other, lost in answers(others, deadline, timeout):
-                    yield other if lost is None else self._lost(w, groups[w], r, attempt, lost)
-
     def _lost(self, w: int, clients: list[int], r: int, attempt: int, why: str) -> dict[str, Any]:
         if self.cfg.engine.on_client_failure == "stop":
             raise ClientFailure(f"round {r}: {why} while training clients {clients}; set engine.on_client_failure=retry or drop to go on without them")
-        self._replace_worker(w, why)
+        self.pool.replace(w, why)
         records = []
         for c in clients:
             record = client_record(r, c, self.shards.client(c), w, attempt, c in self.faults.byzantine)
             record["failed"] = why
             records.append(record)
         return {"accumulator": self.method.new_accumulator(), "records": records, "peak_rss_mb": float("nan")}
-
-    # ---- evaluation
-
-    def evaluate_global(self) -> dict[str, float]:
-        """The global model on each dataset's validation split (``val/global/<flag>/...``) and test
-        split (``global/<flag>/...``), with the mean over datasets of the primary metric."""
-        weights = self.method.eval_weights(self.state)
-        if weights is None:
-            return {}
-        sizes = {(split, flag): len(self.shards.evaluation_split(flag, split)) for split in EVAL_SPLITS for flag in self.shards.tasks}
-        sizes = {key: n for key, n in sizes.items() if n}
-        if self.generated:  # the DeepSpeed ranks hold the server model and generate
-            self.server_model.load(weights)
-            parts = self.server_model.generate(sizes, self.cfg.eval.batch_size)
-        else:
-            chunks: list[list[EvalChunk]] = [[] for _ in self.live_workers()]
-            for (split, flag), n in sizes.items():
-                step = math.ceil(n / len(chunks))
-                for i, start in enumerate(range(0, n, step)):
-                    chunks[i % len(chunks)].append((split, flag, start, min(start + step, n)))
-            # The broadcast object serves when it is these weights (FedAvg and most methods); else they go in once.
-            ref = self.broadcast_ref() if self.method.broadcast(self.state) is weights else ray.put(weights)
-            parts = sum(self._on_workers(lambda w, c, attempt: w.evaluate_global.remote(ref, c), chunks, "evaluating the global model"), [])
-        parts.sort(key=lambda p: p[:3])  # (split, dataset, first row): chunks back in split order
-        out: dict[str, float] = {}
-        for split in EVAL_SPLITS:
-            prefix = metric_prefix(split, "global")
-            for flag, task in self.shards.tasks.items():
-                if (split, flag) not in sizes:
-                    continue
-                scores = np.concatenate([s for sp, f, _, s in parts if (sp, f) == (split, flag)])
-                rows = self.shards.evaluation_split(flag, split)
-                targets = task.targets(rows.images, rows.labels)
-                for name, value in task.metrics(scores, targets).items():
-                    out[f"{prefix}/{flag}/{name}"] = value
-                if split == "test":
-                    self.samples += task.samples(scores, targets, self.state.round, self.cfg.eval.report_samples)
-            for name in self._primary_metrics():
-                values = [out[f"{prefix}/{f}/{name}"] for f in self.shards.tasks if f"{prefix}/{f}/{name}" in out]
-                if values:
-                    out[f"{prefix}/mean/{name}"] = float(np.mean(values))
-        return out
-
-    def _on_workers(self, call: Callable[[Any, list, int], Any], work: list[list], what: str) -> list[Any]:
-        """``call(worker, items, attempt)`` for each non-empty list of ``work``, spread over the live workers;
-        the answers in ``work``'s order. A worker that dies meanwhile (killed, out of memory) is
-        replaced and its items go again to a live worker, as a training client's are, up to
-        ``engine.client_retries`` times (``on_client_failure: retry``); otherwise the run stops, saying why."""
-        engine = self.cfg.engine
-        answers: dict[int, Any] = {}
-        pending = [(i, items) for i, items in enumerate(work) if items]
-        for attempt in itertools.count():
-            live = self.live_workers()
-            calls = [(i, items, live[k % len(live)]) for k, (i, items) in enumerate(pending)]
-            calls = [(i, items, w, call(self.workers[w], items, attempt)) for i, items, w in calls]
-            failed = []
-            for i, items, w, ref in calls:
-                try:
-                    answers[i] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    why = f"worker {w} died while {what} ({type(exc).__name__})"
-                    if engine.on_client_failure != "retry" or attempt >= engine.client_retries:
-                        raise ClientFailure(
-                            f"round {self.state.round}: {why}; set engine.on_client_failure=retry (and engine.client_retries) to evaluate on a "
-                            f"replacement worker, or `raymed run --resume RUN_DIR` to continue from the last checkpoint"
-                        ) from None
-                    if w not in {x for _, _, x in failed}:  # one replacement per dead worker
-                        self._replace_worker(w, why)
-                    failed.append((i, items, w))
-            pending = [(i, items) for i, items, _ in failed]
-            if not pending:
-                break
-        return [answers[i] for i in sorted(answers)]
-
-    def _primary_metrics(self) -> list[str]:
-        """The metric runs are summarised by (acc, psnr) when every dataset's task has the same one."""
-        names = {t.primary_metric for t in self.shards.tasks.values()}
-        return sorted(names) if len(names) == 1 else []
-
-    def evaluate_personalised(self, r: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Every client's personalised model on its own validation rows (``val/personal/...``) and
-        held-out rows (``personal/...``): pooled per dataset, and the mean over clients."""
-        clients = sorted(self.sizes)
-        limit = self.cfg.eval.personal_clients
-        if limit is not None and len(clients) > limit:  # a seeded sample, the same clients every round
-            clients = sorted(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(clients, limit, replace=False).tolist())
-        groups = assign(clients, {c: self.sizes[c][1] + self.sizes[c][2] for c in clients}, len(self.live_workers()))
-        ref = self.broadcast_ref()
-        parts = sum(self._on_workers(lambda w, g, attempt: w.evaluate_personalised.remote(ref, g, r, attempt), groups, "evaluating personalised models"), [])
-        unseen = [part["client_id"] for part in parts if part.get("unseen")]
-        parts = [part for part in parts if not part.get("unseen")]
-        rows, pooled = [], {}
-        for part in parts:
-            task = self.shards.tasks[part["dataset"]]
-            rows.append(
-                {"round": r, "client_id": part["client_id"], "dataset": part["dataset"], "split": part["split"], "num_rows": len(part["labels"]),
-                 **task.metrics(part["scores"], part["labels"])}
-            )
-            pooled.setdefault((part["split"], part["dataset"]), []).append(part)
-        out: dict[str, float] = {}
-        if len(clients) < len(self.sizes):
-            out["eval/personal_clients_sampled"] = float(len(clients))
-        if self.method.personal_state:  # clients left out: never sampled, their model would be the seeded init
-            out["eval/unseen_clients"] = float(len(unseen))
-        for (split, flag), items in sorted(pooled.items()):
-            scores = np.concatenate([p["scores"] for p in items])
-            labels = np.concatenate([p["labels"] for p in items])
-            for name, value in self.shards.tasks[flag].metrics(scores, labels).items():
-                out[f"{metric_prefix(split, 'personal')}/{flag}/{name}"] = value
-        for split in EVAL_SPLITS:
-            by_client: dict[int, list[dict]] = {}
-            for row in rows:
-                if row["split"] == split:
-                    by_client.setdefault(row["client_id"], []).append(row)
-            for name in self._primary_metrics():
-                per_client = [np.average([x[name] for x in v], weights=[x["num_rows"] for x in v]) for v in by_client.values()]
-                if per_client:
-                    out[f"{metric_prefix(split, 'personal')}/client_mean/{name}"] = float(np.mean(per_client))
-        return out, rows
 
     # ---- state access (checkpoints, tests)
 

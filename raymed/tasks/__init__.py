@@ -20,10 +20,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raymed.config import DataConfig, ExperimentConfig, ModelConfig
+    from raymed.data.shards import Rows
     from raymed.data.sources import DatasetFile
     from raymed.data.tasks import TaskSpec
-
-Rows = dict[str, tuple[np.ndarray, np.ndarray]]  # dataset -> (images, labels) of one split
 
 
 class RunTask:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raymed.errors import ConfigError
-from raymed.tasks import RunTask, Rows, register_task
+from raymed.tasks import RunTask, register_task
 from raymed.tasks.report import text
 from raymed.tasks.report.model import build_report_model, pretrained_decoder
 from raymed.tasks.report.shards import attach_reports
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raymed.config import DataConfig, ExperimentConfig, ModelConfig
+    from raymed.data.shards import Rows
     from raymed.data.sources import DatasetFile
     from raymed.data.tasks import TaskSpec
 
