@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymed.data.instructions import CATALOGUE, NEW_SENTENCES
+from raymed.methods.fedkim.instructions import CATALOGUE, NEW_SENTENCES
 from tables import agg, mean_std, number, PaperBench, parse_args, run_sections  # benchmarks/tables.py
 
 CONFIG = "fedkim"

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from raymed.experiment import load_config
-from raymed.data.instructions import CATALOGUE, NEW_SENTENCES, answer_metrics, tasks_of
+from raymed.methods.fedkim.instructions import CATALOGUE, NEW_SENTENCES, answer_metrics, tasks_of
 from raymed.data.shards import ShardSet, materialise
 from raymed.errors import ConfigError
 from raymed.methods import build_method, client_context
 from raymed.methods.base import ServerState
-from raymed.models.knowledge import M3OEGate, MoELoRA
+from raymed.methods.fedkim.model import M3OEGate, MoELoRA
 from tests.conftest import _real_dir, small_config
 
 needs_3d = pytest.mark.skipif(

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymed.config import ModelConfig
-from raymed.data.instructions import Examples, InstructionTask, examples
-from raymed.data.tasks import ModelInput, TaskSpec
+from raymed.errors import ConfigError
+from raymed.data.tasks import ModelInput, TaskSpec, to_model_input
+from raymed.methods.fedkim.instructions import Examples, InstructionTask, examples
 from raymed.models import MODELS, images_of, make_head
+from raymed.tasks.report import text as reports
 
 KINDS = ("image", "volume")  # input kinds; each has its own encoder
 
@@ -172,14 +174,12 @@ class CentralModel(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        from raymed.tasks.report.text import load_tokenizer, special_ids
-
         d = cfg.decoder
         self.spec, self.tasks = spec, spec.tasks
         self.in_channels = spec.in_channels
         self.prefix_tokens = d.prefix_tokens
-        self.tokenizer = load_tokenizer(d.checkpoint)
-        self.pad_id, self.bos_id, self.eos_id = special_ids(self.tokenizer)
+        self.tokenizer = reports.load_tokenizer(d.checkpoint)
+        self.pad_id, self.bos_id, self.eos_id = reports.special_ids(self.tokenizer)
         self.kinds = ["volume" if t.volume else "image" for t in spec.tasks]
         self.encoders = build_encoders(cfg.name, set(self.kinds), spec.in_channels, seed)
         with torch.random.fork_rng(devices=[]):
@@ -210,7 +210,6 @@ class CentralModel(nn.Module):
                     setattr(module, child_name, layer)
                     layers.append(layer)
         if not layers:
-            from raymed.errors import ConfigError
 
             raise ConfigError(f"model.decoder.lora_targets: no linear layer of the language model is named {', '.join(targets)}")
         return layers
@@ -242,7 +241,6 @@ class CentralModel(nn.Module):
         """Tokenise every task's rows of ``split`` once (``server``: trained tasks; ``test``: all)."""
         if split in self._data:
             return
-        from raymed.tasks.report.text import encode
 
         data = []
         for task in self.tasks:
@@ -251,7 +249,7 @@ class CentralModel(nn.Module):
                 data.append((ex, np.zeros((0, self.spec.question_len), np.int64), np.zeros((0, self.spec.answer_len + 1), np.int64)))
                 continue
             q = self.tokenizer(ex.questions, add_special_tokens=False, padding="max_length", truncation=True, max_length=self.spec.question_len)["input_ids"]
-            data.append((ex, np.asarray(q, np.int64), encode(self.tokenizer, ex.answers, self.spec.answer_len + 1)))
+            data.append((ex, np.asarray(q, np.int64), reports.encode(self.tokenizer, ex.answers, self.spec.answer_len + 1)))
         self._data[split] = data
 
     def batches(self, shards, split: str, batch_size: int, rank: int, world: int, seed: list[int] | None) -> list[Batch]:
@@ -280,8 +278,6 @@ class CentralModel(nn.Module):
         return [step[rank] for step in steps]
 
     def _tensors(self, split: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from raymed.data.tasks import to_model_input
-
         ex, q, a = self._data[split][batch.task]
         device = self.modality_ids.device
         images = to_model_input(np.asarray(ex.images[batch.rows]), self.in_channels, device)
@@ -312,7 +308,6 @@ class CentralModel(nn.Module):
     @torch.no_grad()
     def answer(self, split: str, batch: Batch) -> Answers:
         """Greedy answers of a batch, beside the references."""
-        from raymed.tasks.report.text import decode
 
         images, questions, _ = self._tensors(split, batch)
         prefix, mask = self._prefix(batch.task, images, questions)
@@ -332,7 +327,7 @@ class CentralModel(nn.Module):
             task=self.tasks[batch.task].name,
             held_out=self.tasks[batch.task].held_out,
             first_row=int(batch.rows[0]),
-            predicted=decode(self.tokenizer, out.cpu().numpy()),
+            predicted=reports.decode(self.tokenizer, out.cpu().numpy()),
             reference=[ex.answers[i] for i in batch.rows],
             closed=ex.closed[batch.rows],
         )

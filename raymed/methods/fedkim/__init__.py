@@ -3,7 +3,8 @@
 
 Clients train lightweight local models; the federation's knowledge is injected into a central
 model on the server through M3OE, a multi-task multi-modal mixture of LoRA experts
-(:mod:`raymed.models.knowledge` holds both models).
+(:mod:`~raymed.methods.fedkim.model` holds both models; :mod:`~raymed.methods.fedkim.instructions`
+turns every dataset into questions and answers).
 
 Client k holding dataset d (one modality), round t:
 
@@ -49,7 +50,12 @@ from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method
 from raymed.methods.fedavg import FedAvgParams, apply_mean_update, client_weight
-from raymed.models.knowledge import CentralModel, CentralSpec, LocalModel
+from raymed.methods.fedkim.instructions import CATALOGUE, answer_metrics, examples, strings, tasks_of
+from raymed.methods.fedkim.model import CentralModel, CentralSpec, LocalModel
+from raymed.methods.fedprox import proximal_penalty
+from raymed.data.shards import ShardSet
+from raymed.tasks.report import text as reports
+from raymed.tasks.report.model import pretrain_lm
 
 IN_CHANNELS = 3  # every encoder takes RGB; gray images (and volumes) are repeated to fit
 
@@ -83,8 +89,6 @@ class FedKIM(Method):
     central_loss = float("nan")  # the central model's mean training loss in the last round (reported with the scores)
 
     def check_config(self, cfg: ExperimentConfig) -> None:
-        from raymed.data.instructions import CATALOGUE
-
         d = cfg.data
         if d.task != "classification":
             raise ConfigError("strategy fedkim asks questions of classification and VQA datasets: set data.task=classification")
@@ -110,11 +114,6 @@ class FedKIM(Method):
         a word-level tokenizer over the tasks' text and the server's questions and answers, and a GPT-2
         of ``model.decoder``'s size, pretrained on IU X-Ray report text when ``pretrain_epochs`` > 0.
         A given ``model.decoder.checkpoint`` (with its tokenizer) is used as it is."""
-        from raymed.tasks.report import text as reports
-        from raymed.data.instructions import examples, strings, tasks_of
-        from raymed.data.shards import ShardSet
-        from raymed.tasks.report.model import pretrain_lm
-
         d, p = cfg.model.decoder, self.params
         if d.checkpoint:
             return cfg
@@ -139,8 +138,6 @@ class FedKIM(Method):
         return resolved
 
     def build_server_model(self, cfg: ExperimentConfig, shards) -> CentralModel:
-        from raymed.data.instructions import tasks_of
-
         if not cfg.model.decoder.checkpoint:
             raise ConfigError("strategy fedkim: the central language model was not prepared (model.decoder.checkpoint is empty)")
         p = self.params
@@ -166,8 +163,6 @@ class FedKIM(Method):
     def evaluate_server_model(self, server) -> dict[str, float]:
         """Every task's test questions answered by the central model: per-task scores, and the mean
         accuracy over the trained and over the held-out tasks."""
-        from raymed.data.instructions import answer_metrics
-
         by_task: dict[str, list] = {}
         for part in server.answer("test"):
             by_task.setdefault(part.task, []).append(part)
@@ -192,6 +187,4 @@ class FedKIM(Method):
         return ClientUpdate(delta=ctx.delta_from(payload), weight=client_weight(self.params, ctx), metrics=metrics)
 
     def _proximal(self, payload: Weights, device: torch.device):
-        from raymed.methods.fedprox import proximal_penalty
-
         return proximal_penalty(payload, self.params.mu, device)
