@@ -37,7 +37,7 @@ from raymed.experiment import load_config  # noqa: E402
 from raymed.data.medmnist_files import find_file, write_synthetic  # noqa: E402
 from raymed.engine import run_experiment  # noqa: E402
 from raymed.engine.devices import GPU_HEADROOM  # noqa: E402
-from raymed.results.store import read_run  # noqa: E402
+from raymed.results.runs import read_run  # noqa: E402
 
 FLAG = "pneumoniamnist"
 

@@ -2,6 +2,9 @@
 
 Errors in the user's input or environment print one line (``raymed: <kind>: <what and what to do>``)
 and exit with status 2 (130 on Ctrl-C, 143 on SIGTERM); set ``RAYMED_DEBUG=1`` to see tracebacks.
+
+Each command imports what it needs inside its function (Ray, torch, the engine): ``raymed --help``
+and the light commands stay fast.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raymed.errors import ConfigError
+from raymed.files import atomic_write
 
 PartitionScheme = Literal["iid", "dirichlet", "client_dirichlet", "quantity", "modality", "by_site"]
 
@@ -470,6 +471,11 @@ class ExperimentConfig(Section):
     def run_name(self) -> str:
         return self.name or f"{self.strategy.name}-seed{self.seed}"
 
+    @property
+    def shards_dir(self) -> Path:
+        """Where shard sets are cached, and what is built once beside them (a pretrained decoder)."""
+        return Path(self.data.cache_dir or Path(self.output_dir) / ".shards")
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -612,6 +618,4 @@ def non_finite_values(raw: Any, path: str = "") -> list[tuple[str, float]]:
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    from raymed.files import atomic_write
-
     atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

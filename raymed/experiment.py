@@ -29,7 +29,7 @@ from raymed.data.vqa_rad import ORGANS
 from raymed.errors import ConfigError
 from raymed.methods import METHODS
 from raymed.models import MODELS
-from raymed.tasks import run_task
+from raymed.tasks.registry import run_task
 from raymed.tasks.report import DATASETS as REPORT_DATASETS
 
 

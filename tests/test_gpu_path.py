@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
     from raymed.engine import run_experiment
     from raymed.engine.runtime import cluster_nodes, plan_cluster, plan_nodes
     from raymed.errors import ResourceError
-    from raymed.results.store import read_run
+    from raymed.results.runs import read_run
 
     def pretend_cuda():
         # Every worker process's torch says CUDA is there, as on a GPU host (the boundary stub).

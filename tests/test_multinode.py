@@ -20,7 +20,7 @@ import numpy as np
 
 from raymed.config import save_config
 from raymed.engine import run_experiment
-from raymed.results.store import read_run
+from raymed.results.runs import read_run
 from tests.conftest import small_config
 
 SCRIPT = textwrap.dedent(

@@ -15,7 +15,7 @@ from raymed.experiment import load_config
 from raymed.engine import Federation, run_experiment
 from raymed.engine.runtime import federation_bundles
 from raymed.errors import ConfigError
-from raymed.results.store import read_run
+from raymed.results.runs import read_run
 from raymed.sweep import load_sweep
 from tests.conftest import small_config
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from raymed.data.vqa_rad import ORGANS
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,6 @@ def policy_for(flag: str, mode: str = "medmnist") -> Policy | None:
     """The policy of a dataset under ``data.augment`` (``mode``), or None when it is not augmented:
     medmnist: a MedMNIST modality's own policy (MedMNIST volumes: none, as measured), the generic
     one for any other dataset; generic: the generic policy for every dataset; none: None."""
-    from raymed.data.vqa_rad import ORGANS
-
     if mode == "none" or flag in ORGANS or flag == "r2gen":  # a question or report may name the side
         return None
     if mode == "generic":

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raymed.data.medmnist_files import SPLITS
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
+from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
 if TYPE_CHECKING:
     from raymed.config import DataConfig, ExperimentConfig
-    from raymed.data.tasks import TaskSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_SHARES = (0.7, 0.1, 0.2)  # train, val, test without a split column
@@ -158,8 +158,6 @@ class ImageFolder(Source):
         return None if table.sites is None else table.sites[table.split == split]
 
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-        from raymed.data.tasks import TaskSpec
-
         table = _table(file)
         classes = len(table.classes)
         if classes < 2:

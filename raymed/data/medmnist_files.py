@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
+from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
 if TYPE_CHECKING:
     from raymed.config import DataConfig, ExperimentConfig
-    from raymed.data.tasks import TaskSpec
 
 logger = logging.getLogger("raymed")
 
@@ -241,7 +241,6 @@ class MedMNISTRelease(Source):
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
         from dataclasses import replace
 
-        from raymed.data.tasks import TaskSpec
 
         return replace(TaskSpec.from_medmnist(file.flag, synthetic=file.synthetic), image_size=file.size, ordinal_loss=cfg.task.ordinal_loss)
 

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raymed.data.medmnist_files import SPLITS, MedMNISTRelease, file_md5, verify
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
+from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 
 if TYPE_CHECKING:
     from raymed.config import DataConfig, ExperimentConfig
-    from raymed.data.tasks import TaskSpec
 
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 
@@ -115,8 +115,6 @@ class OwnFiles(Source):
         return arrays[f"{split}_images"], arrays[f"{split}_labels"]
 
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-        from raymed.data.tasks import TaskSpec
-
         if _is_medmnist(file.flag):
             return MedMNISTRelease().task(file, cfg)
         arrays = read_npz(file.path)

@@ -42,7 +42,7 @@ from raymed.data.partition import local_split, partition, partition_by_site
 from raymed.data.sources import DatasetFile, source_of, source_of_file
 from raymed.data.tasks import TaskSpec, shared_label_space
 from raymed.errors import DataError
-from raymed.tasks import run_task
+from raymed.tasks.registry import run_task
 
 FORMAT_VERSION = 6  # 6: questions about one image partitioned and split together; 5: validation splits (global and per client), normalisation statistics, the ordinal loss
 
@@ -167,17 +167,13 @@ def partition_by_image(labels: dict[str, np.ndarray], groups: dict[str, np.ndarr
     return clients
 
 
-def default_cache_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".shards")
-
-
 Rows = dict[str, tuple[np.ndarray, np.ndarray]]  # dataset -> (images N×C×spatial, labels) of one split
 
 
 def materialise(cfg: ExperimentConfig, files: list[DatasetFile] | None = None) -> Path:
     """Build (or reuse) the shard set for ``cfg``; return its folder."""
     files = files if files is not None else locate_sources(cfg.data)
-    out = (default_cache_dir(cfg) / shard_key(cfg, files)).resolve()  # actors may run in other folders
+    out = (cfg.shards_dir / shard_key(cfg, files)).resolve()  # actors may run in other folders
     if (out / "meta.json").is_file():
         return out
     rng = np.random.default_rng([cfg.seed, 0x5A4D])  # caps, then each client's local split: one stream, in this order

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
+from raymed.data.tasks import TaskSpec
+from raymed.errors import ConfigError
 
 if TYPE_CHECKING:
     from raymed.config import DataConfig, ExperimentConfig
-    from raymed.data.tasks import TaskSpec
 
 FLAG = "synthetic_clients"
 EVAL_ROWS = 512
@@ -59,8 +60,6 @@ class SyntheticClients(Source):
         return flag == FLAG
 
     def locate(self, flag: str, d: DataConfig) -> DatasetFile:
-        from raymed.errors import ConfigError
-
         if not d.synthetic_clients:
             raise ConfigError("data.datasets names synthetic_clients: set data.synthetic_clients to the number of generated clients")
         # there is no file: the name says what was generated, and is what the shards are keyed by
@@ -79,6 +78,4 @@ class SyntheticClients(Source):
         return self._data(file)[split][2]
 
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-        from raymed.data.tasks import TaskSpec
-
         return TaskSpec(dataset=FLAG, kind="binary", num_classes=2, channels=1, spatial_dims=2, synthetic=True, image_size=SIZE)

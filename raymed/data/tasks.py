@@ -11,8 +11,8 @@ ordinal-regression); two more kinds reuse the same rows differently:
   vocabulary. A row's label holds ``[answer id, closed?, question token ids...]`` (an id past the
   classes when the answer never occurs in training: always counted wrong); the model input is the pair
   (image, question tokens). Metrics: accuracy overall and per answer type (closed / open).
-- ``report`` (:mod:`raymed.tasks.report.text`): report generation. A row's label holds
-  ``[diagnosis, style, report token ids...]``; the model input is (image, report tokens) and its
+- ``report`` (:mod:`raymed.tasks.report`, which registers how its text is read): report
+  generation. A row's label holds ``[diagnosis, style, report token ids...]``; the model input is (image, report tokens) and its
   output the next-token logits of the report (teacher forcing; loss: cross-entropy over non-padding
   tokens). Evaluation generates reports (token ids) and scores the decoded text with BLEU-1..4,
   ROUGE-L, CIDEr and clinical-efficacy P/R/F1 (:mod:`raymed.tasks.report.metrics`).
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 import warnings
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -57,6 +57,24 @@ from raymed.errors import ConfigError
 
 TaskKind = Literal["binary", "multiclass", "multilabel", "ordinal", "prognosis", "superres", "vqa", "report"]
 ModelInput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images, or (images, question or report tokens)
+
+class GeneratedText(Protocol):
+    """How a task kind whose outputs are generated token ids reads and scores them (report
+    generation registers its own: :mod:`raymed.tasks.report`)."""
+
+    def pad_id(self, task: TaskSpec) -> int: ...
+
+    def decode(self, task: TaskSpec, ids: np.ndarray) -> list[str]: ...
+
+    def scores(self, generated: list[str], references: list[str]) -> dict[str, float]: ...
+
+
+GENERATED: dict[str, GeneratedText] = {}
+
+
+def register_generated(kind: str, reader: GeneratedText) -> None:
+    GENERATED[kind] = reader
+
 
 _KINDS: dict[str, TaskKind] = {
     "binary-class": "binary",
@@ -203,7 +221,7 @@ class TaskSpec:
             return (x, labels[:, 2:]), labels
         return x, torch.as_tensor(labels, device=device)
 
-    # ---- report text
+    # ---- generated text (report generation: its reader is registered by raymed.tasks.report)
 
     @property
     def generated(self) -> bool:
@@ -222,16 +240,18 @@ class TaskSpec:
         ]
 
     @property
-    def pad_id(self) -> int:
-        from raymed.tasks.report.text import load_tokenizer
+    def _text(self) -> GeneratedText:
+        if self.kind not in GENERATED:
+            raise RuntimeError(f"no reader of generated text is registered for task kind {self.kind}: import raymed.tasks.registry first")
+        return GENERATED[self.kind]
 
-        return load_tokenizer(self.tokenizer).pad_token_id
+    @property
+    def pad_id(self) -> int:
+        return self._text.pad_id(self)
 
     def decode(self, ids: np.ndarray) -> list[str]:
-        """Report text of token id rows."""
-        from raymed.tasks.report.text import decode, load_tokenizer
-
-        return decode(load_tokenizer(self.tokenizer), ids)
+        """The text of token id rows."""
+        return self._text.decode(self, ids)
 
     # ---- training
 
@@ -310,10 +330,8 @@ class TaskSpec:
             return {}
         if self.kind == "superres":
             return image_quality(scores, labels)
-        if self.kind == "report":
-            from raymed.tasks.report.metrics import report_scores
-
-            return report_scores(self.decode(scores), self.decode(labels[:, 2:]))
+        if self.generated:
+            return self._text.scores(self.decode(scores), self.decode(labels[:, 2:]))
         if self.kind == "vqa":
             correct = scores.argmax(axis=1) == labels[:, 0]  # an answer unseen in training (id >= classes) is never right
             closed = labels[:, 1] == 1

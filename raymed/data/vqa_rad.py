@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raymed.data.medmnist_files import side_data_dirs
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
 from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
 

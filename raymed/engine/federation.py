@@ -34,10 +34,11 @@ from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, RunFailed, Terminated, find_user_error, os_error
 from raymed.experiment import validate_config
 from raymed.methods import METHODS, build_method, has_server_model
-from raymed.tasks import run_task
+from raymed.models.pretrained import MODEL_FILE, SELECTED_MODEL_FILE, save_model
 from raymed.results.baselines import baseline_metrics, compute_baselines, jsonable
 from raymed.results.selection import Selection
 from raymed.results.store import RunLock, RunWriter, check_writable, run_id_of
+from raymed.tasks.registry import run_task
 
 logger = logging.getLogger("raymed")
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -232,8 +233,6 @@ class Federation:
         """The server's weights as ``model.safetensors`` in the run folder (a later run's teacher or
         foundation model), and those of the round selected on validation as ``model-selected.safetensors``;
         after a failure, those of the last finished round, when the server still answers."""
-        from raymed.models.pretrained import MODEL_FILE, SELECTED_MODEL_FILE, save_model
-
         try:
             (state, tasks), selected = ray.get([self.server.final_model.remote(), self.server.get_selected.remote()], timeout=60)
         except Exception as exc:  # the server died while the failure was raised: the metrics are kept

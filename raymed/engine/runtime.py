@@ -395,7 +395,7 @@ def trial_workers(cfg: ExperimentConfig) -> int:
 def server_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """What the server side asks for: its actor, or with a server model (a run task's generator, FedKIM's central model)
     one bundle per DeepSpeed rank (the server's CPUs and GPUs split evenly); none when it asks for none."""
-    from raymed.methods import has_server_model
+    from raymed.methods import has_server_model  # torch and every method: not for the light users of this module (ports, threads)
 
     s = cfg.server
     ranks = s.ranks if has_server_model(cfg) else 1

@@ -87,7 +87,7 @@ class ServerActor:
         # Generated outputs come from the server model's ranks, not from the client pool.
         self.generated = any(t.generated for t in self.shards.tasks.values())
         if has_server_model(self.cfg):
-            from raymed.engine.server_model import ServerModelGroup
+            from raymed.engine.server_model import ServerModelGroup  # DeepSpeed: imported by runs that use it only
 
             self.server_model = ServerModelGroup(self.cfg, shard_dir, run_name, placement)
         self.sizes = self.shards.client_sizes()

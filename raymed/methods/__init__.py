@@ -12,7 +12,7 @@ from raymed.methods.base import (
     local_sgd,
     register_method,
 )
-from raymed.tasks import run_task  # noqa: E402
+from raymed.tasks.registry import run_task  # noqa: E402
 from raymed.methods import central, ditto, dpfedavg, fedavg, fedavgm, fedbn, fedkim, fedmrg, fedopt, fedper, fedprox, lorkd, mafm3, omnifm, robust, scaffold  # noqa: E402,F401  (registers the methods)
 
 

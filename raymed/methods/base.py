@@ -31,7 +31,7 @@ from raymed.data.shards import ClientShard, Split
 from raymed.checkpointable import checkpointable
 from raymed.data.tasks import ModelInput, TaskSpec
 from raymed.models import FedModel
-from raymed.tasks import build_task_model
+from raymed.tasks.registry import build_task_model
 
 Weights = dict[str, np.ndarray]
 Penalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # trained parameters by name -> extra loss

@@ -48,6 +48,7 @@ from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState
 from raymed.methods.fedavg import FedAvg, FedAvgParams, client_weight
 from raymed.models import Backbone, FedModel, build_backbone, images_of
 from raymed.models.experts import add_experts, fuse, set_route
+from raymed.models.pretrained import load_model, resolve_pretrained
 
 
 class LoRKDParams(FedAvgParams):
@@ -137,14 +138,10 @@ class LoRKD(FedAvg):
 
     def prepare(self, cfg: ExperimentConfig, shard_dir: str) -> ExperimentConfig:
         """The teacher: the given run's model file, or one pretrained once beside the shards."""
-        from raymed.models.pretrained import resolve_pretrained
-
         p = self.params
         return resolve_pretrained(cfg, shard_dir, "teacher", cfg.data.datasets, p.teacher_model, p.teacher_epochs)
 
     def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> LoRKDModel:
-        from raymed.models.pretrained import load_model
-
         if not self.params.teacher:
             raise ConfigError("strategy lorkd: no teacher was prepared (strategy.teacher is empty)")
         teacher = load_model(self.params.teacher, "strategy.teacher", needs=list(tasks))

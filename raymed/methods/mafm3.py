@@ -40,6 +40,7 @@ from raymed.methods.base import Method, register_method
 from raymed.methods.fedavg import FedAvg, FedAvgParams
 from raymed.models import FedModel, images_of
 from raymed.models.experts import DENSE, add_experts, set_route
+from raymed.models.pretrained import load_model, resolve_pretrained
 
 # The imaging modality of each MedMNIST dataset (the metadata that selects modules).
 MODALITIES = {
@@ -161,14 +162,10 @@ class MAFM3(FedAvg):
 
     def prepare(self, cfg: ExperimentConfig, shard_dir: str) -> ExperimentConfig:
         """The foundation: the given run's model file, or one pretrained once beside the shards."""
-        from raymed.models.pretrained import resolve_pretrained
-
         p = self.params
         return resolve_pretrained(cfg, shard_dir, "foundation", p.foundation_datasets, p.foundation_model, p.foundation_epochs)
 
     def build_model(self, cfg: ModelConfig, tasks: dict[str, TaskSpec], seed: int) -> MAFM3Model:
-        from raymed.models.pretrained import load_model
-
         if not self.params.foundation:
             raise ConfigError("strategy mafm3: no foundation model was prepared (strategy.foundation is empty)")
         foundation = load_model(self.params.foundation, "strategy.foundation")

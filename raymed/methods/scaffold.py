@@ -30,6 +30,7 @@ import torch
 from pydantic import Field
 
 from raymed.config import ExperimentConfig, StrategyConfig
+from raymed.data.shards import ShardSet
 from raymed.errors import ConfigError
 from raymed.methods.base import ClientContext, ClientUpdate, Method, ServerState, WeightedMean, Weights, local_sgd, register_method, trained_parameters
 from raymed.methods.fedavg import FedAvg, FedAvgParams
@@ -48,8 +49,6 @@ class Scaffold(FedAvg):
     Params = ScaffoldParams
 
     def prepare(self, cfg: ExperimentConfig, shard_dir: str) -> ExperimentConfig:
-        from raymed.data.shards import ShardSet
-
         strategy = StrategyConfig(name=cfg.strategy.name, **{**cfg.strategy.params, "num_clients": ShardSet(shard_dir).num_clients})
         return cfg.model_copy(update={"strategy": strategy})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from raymed.models import Backbone, register_model
+from raymed.models.base import Backbone, register_model
 
 
 class PoolTo(nn.Module):

@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from raymed.models import Backbone, register_model
+from raymed.models.base import Backbone, register_model
 
 WIDTHS = (32, 64, 128)
 DROPOUT = 0.2

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors import SafetensorError, safe_open
 
 from raymed.config import ExperimentConfig, StrategyConfig
+from raymed.data.shards import ShardSet
 from raymed.data.tasks import TaskSpec
 from raymed.errors import ConfigError
 from raymed.files import atomic_path
@@ -85,8 +86,6 @@ def resolve_pretrained(cfg: ExperimentConfig, shard_dir: str, key: str, datasets
 def pretrain(shard_dir: str, datasets: list[str], model_name: str, epochs: int, seed: int, lr: float = 1e-3, batch_size: int = 64) -> Path:
     """A ``model_name`` trained centrally (AdamW, ``epochs`` epochs) on the clients' pooled training rows
     of ``datasets``; built once per (shard set, datasets, model, epochs, seed, lr), cached beside the shards."""
-    from raymed.data.shards import ShardSet
-
     identity = [1, Path(shard_dir).name, sorted(datasets), model_name, epochs, seed, lr, batch_size]
     out = Path(shard_dir).parent / f"pretrained-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.safetensors"
     if out.is_file():

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.video import r3d_18
 
-from raymed.models import Backbone, register_model
+from raymed.models.base import Backbone, register_model
 
 
 def _group_norm(module: nn.Module) -> nn.Module:

@@ -11,10 +11,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from raymed.errors import RaymedError
 from raymed.results.baselines import at_or_below
 from raymed.results.metrics import is_validation, val_twin
+from raymed.results.runs import read_run
 from raymed.results.selection import Selection
-from raymed.results.store import read_run
 
 DEFAULT_METRICS = ("acc", "auc", "f1")
 # Panels and rows: the training loss, the run's summary metrics (``*/mean/*``, ``*/client_mean/*``),
@@ -257,8 +258,6 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
     """The run folders named by ``paths``: each a run folder, or a folder with runs beneath it (the
     default run's ``results/``, a sweep's storage folder): every folder holding a rounds.parquet,
     in name order; everything else is ignored. A path with no run at all is a one-line error."""
-    from raymed.errors import RaymedError
-
     found: list[Path] = []
     for given in map(Path, paths):
         if not given.is_dir():

@@ -40,10 +40,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymed.config import ExperimentConfig, safe_yaml, save_config
-from raymed.errors import ConfigError
+from raymed.config import ExperimentConfig, save_config
+from raymed.errors import ConfigError, OutputError
 from raymed.provenance import provenance
 from raymed.files import atomic_path, atomic_write
+from raymed.results.report import summary_markdown
+from raymed.results.runs import read_run
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
@@ -70,7 +72,6 @@ def check_writable(folder: str | Path, key: str = "output_dir") -> None:
     import errno
     import tempfile
 
-    from raymed.errors import OutputError
 
     folder = Path(folder)
     setter = f" (--set {key}=...)" if " " not in key else ""
@@ -262,37 +263,7 @@ class RunWriter:
 
     def _write_summary_md(self) -> None:
         """summary.md: the run's result tables as the terminal shows them, in Markdown."""
-        from raymed.results.report import summary_markdown
-
         try:
             atomic_write(self.dir / "summary.md", summary_markdown([read_run(self.dir)]))
         except OSError as exc:  # summary.json and rounds.parquet hold the same numbers
             logging.getLogger("raymed").warning("summary.md not written in %s: %s", self.dir, exc)
-
-
-def read_run(folder: str | Path) -> dict[str, Any]:
-    """A finished (or partial) run: its config, meta, rounds table and summary."""
-    folder = Path(folder)
-    if not (folder / "rounds.parquet").is_file():
-        from raymed.errors import RaymedError
-
-        raise RaymedError(f"{folder} holds no rounds.parquet; give the folder of a raymed run")
-    from raymed.errors import RaymedError
-
-    def read(name: str, parse: Any, default: Any = None) -> Any:
-        path = folder / name
-        if default is not None and not path.exists():
-            return default
-        try:
-            return parse(path)
-        except Exception as exc:  # pyarrow, json and YAML errors, a missing file
-            why = "is missing" if isinstance(exc, FileNotFoundError) else f"is corrupt ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
-            raise RaymedError(f"{path} {why}; this run folder cannot be read: restore the file from a copy, or leave the run out") from None
-
-    return {
-        "dir": folder,
-        "config": read("config.yaml", lambda p: safe_yaml(p.read_text(), str(p)) or {}),
-        "meta": read("meta.json", lambda p: json.loads(p.read_text())),
-        "rounds": read("rounds.parquet", lambda p: pq.read_table(p).to_pandas()),
-        "summary": read("summary.json", lambda p: json.loads(p.read_text()), default={}),
-    }

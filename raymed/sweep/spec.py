@@ -30,9 +30,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from raymed.config import ExperimentConfig, Section, format_error, apply_overrides, load_yaml, set_key
-from raymed.experiment import validate_config
+from raymed.config import ExperimentConfig, Section, apply_overrides, default_config_path, format_error, load_yaml, set_key
 from raymed.errors import ConfigError
+from raymed.experiment import validate_config
+from raymed.results.metrics import is_validation, val_twin
 
 # search_space entry name -> (Tune domain constructor, how its arguments are given)
 DOMAINS: dict[str, Any] = {
@@ -96,8 +97,6 @@ class SweepConfig(Section):
     @field_validator("metric")
     @classmethod
     def _validation_metric(cls, metric: str) -> str:
-        from raymed.results.metrics import is_validation, val_twin
-
         if not is_validation(metric):
             raise ValueError(f"{metric} is a test-split metric; a sweep selects on validation only: use {val_twin(metric)}")
         return metric
@@ -153,8 +152,6 @@ def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
     """Read and check a sweep; returns it and the experiment's raw mapping every trial starts from."""
-    from raymed.config import default_config_path
-
     path = Path(path)
     raw = apply_overrides(load_yaml(path), overrides or [])
     try:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raymed.data.tasks import register_generated
 from raymed.errors import ConfigError
-from raymed.tasks import RunTask, register_task
+from raymed.tasks.base import RunTask, register_task
 from raymed.tasks.report import text
+from raymed.tasks.report.metrics import report_scores
 from raymed.tasks.report.model import build_report_model, pretrained_decoder
 from raymed.tasks.report.shards import attach_reports
 
@@ -28,10 +30,27 @@ if TYPE_CHECKING:
 
     from raymed.config import DataConfig, ExperimentConfig, ModelConfig
     from raymed.data.shards import Rows
-    from raymed.data.sources import DatasetFile
+    from raymed.data.source import DatasetFile
     from raymed.data.tasks import TaskSpec
 
 DATASETS = text.REPORT_DATASETS
+
+
+class ReportText:
+    """Generated reports read back with the run's tokenizer and scored by BLEU, ROUGE-L, CIDEr and
+    clinical efficacy (:class:`~raymed.data.tasks.GeneratedText` for the ``report`` kind)."""
+
+    def pad_id(self, task: TaskSpec) -> int:
+        return text.load_tokenizer(task.tokenizer).pad_token_id
+
+    def decode(self, task: TaskSpec, ids: np.ndarray) -> list[str]:
+        return text.decode(text.load_tokenizer(task.tokenizer), ids)
+
+    def scores(self, generated: list[str], references: list[str]) -> dict[str, float]:
+        return report_scores(generated, references)
+
+
+register_generated("report", ReportText())
 
 
 @register_task

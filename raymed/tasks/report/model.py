@@ -199,7 +199,6 @@ def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
     d = cfg.model.decoder
     if cfg.data.task != "report" or d.checkpoint or not d.pretrain_epochs:
         return cfg
-    from raymed.data.shards import default_cache_dir  # the shard writer asks this package's hooks
 
     if "r2gen" in cfg.data.datasets:
         root = reports.find_root(cfg.data.report_root, "annotation.json")
@@ -208,7 +207,7 @@ def pretrained_decoder(cfg: ExperimentConfig) -> ExperimentConfig:
         root = reports.find_root(cfg.data.report_root, "indiana_reports.csv")
         texts, source = reports.pretraining_text(root), root / "indiana_reports.csv"
     identity = [1, reports.md5(source), d.layers, d.width, d.heads, d.prefix_tokens, cfg.data.report_len, d.pretrain_epochs, cfg.seed]
-    out = (default_cache_dir(cfg) / f"decoder-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}").resolve()
+    out = (cfg.shards_dir / f"decoder-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}").resolve()
     if not (out / "config.json").is_file():
         pretrain_lm(texts, out, d, cfg.data.report_len, cfg.seed)
     resolved = cfg.model_copy(deep=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from raymed.config import ExperimentConfig
-from raymed.data.sources import DatasetFile
+from raymed.data.source import DatasetFile
 from raymed.data.tasks import TaskSpec
 from raymed.tasks.report import text as reports
 

@@ -39,12 +39,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raymed.data.medmnist_files import side_data_dirs
-from raymed.data.sources import DatasetFile, Source, register_source
+from raymed.data.source import DatasetFile, Source, register_source
+from raymed.data.tasks import TaskSpec
 from raymed.errors import DataError
+from raymed.tasks.report.metrics import label_report
 
 if TYPE_CHECKING:
     from raymed.config import DataConfig, ExperimentConfig
-    from raymed.data.tasks import TaskSpec
 
 REPORT_DATASETS = ("pneumoniamnist", "r2gen")
 CLASS_NAMES = {"pneumoniamnist": ("normal", "pneumonia"), "r2gen": ("normal", "abnormal")}
@@ -220,7 +221,6 @@ def load_r2gen(folder: Path, split: str, size: int) -> tuple[np.ndarray, np.ndar
     """Images (N×size×size uint8), diagnosis labels (N×1: 1 = the labeler finds something) and report text."""
     from PIL import Image, UnidentifiedImageError
 
-    from raymed.tasks.report.metrics import label_report
 
     entries = r2gen_annotation(folder)[split]
     images = np.empty((len(entries), size, size), np.uint8)
@@ -324,8 +324,6 @@ class R2Gen(Source):
         return images, np.column_stack([diagnosis[:, 0], np.arange(len(images))])
 
     def task(self, file: DatasetFile, cfg: ExperimentConfig) -> TaskSpec:
-        from raymed.data.tasks import TaskSpec
-
         return TaskSpec(dataset="r2gen", kind="binary", num_classes=2, channels=1, spatial_dims=2, image_size=file.size)
 
     def has_val_split(self, file: DatasetFile) -> bool:
