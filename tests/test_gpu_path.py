@@ -22,7 +22,7 @@ import pytest
 
 from raymed.experiment import load_config
 from raymed.engine.devices import check_gpu_fit
-from raymed.engine.runtime import plan_nodes
+from raymed.engine.placement import plan_nodes
 from raymed.errors import ResourceError
 from tests.conftest import small_config
 
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
     from ray.cluster_utils import Cluster
     from raymed.experiment import validate_config
     from raymed.engine import run_experiment
-    from raymed.engine.runtime import cluster_nodes, plan_cluster, plan_nodes
+    from raymed.engine.placement import cluster_nodes, plan_cluster, plan_nodes
     from raymed.errors import ResourceError
     from raymed.results.runs import read_run
 

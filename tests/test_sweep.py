@@ -13,7 +13,7 @@ import yaml
 from raymed.cli import main
 from raymed.experiment import load_config
 from raymed.engine import Federation, run_experiment
-from raymed.engine.runtime import federation_bundles
+from raymed.engine.placement import federation_bundles
 from raymed.errors import ConfigError
 from raymed.results.runs import read_run
 from raymed.sweep import load_sweep

@@ -29,7 +29,8 @@ from raymed.config import ExperimentConfig, apply_overrides, load_yaml
 from raymed.data.shards import ShardSet, locate_sources, materialise
 from raymed.engine.checkpoint import CHECKPOINT_FILE, RESUMABLE_KEYS, check_resume, read_checkpoint, save_checkpoint, segment_path
 from raymed.engine.faults import check_faults
-from raymed.engine.runtime import JOINED, PORTS, Placement, determinism, init_ray, plan_cluster
+from raymed.engine.placement import Placement, plan_cluster
+from raymed.engine.runtime import JOINED, PORTS, determinism, init_ray
 from raymed.engine.server import ServerActor
 from raymed.errors import ConfigError, DataError, RunFailed, Terminated, find_user_error, os_error
 from raymed.experiment import validate_config

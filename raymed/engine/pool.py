@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymed.config import ExperimentConfig
-from raymed.engine.runtime import Placement
+from raymed.engine.placement import Placement
 from raymed.engine.worker import ClientWorker, answers
 from raymed.errors import ClientFailure, ResourceError
 
@@ -45,7 +45,7 @@ class WorkerPool:
     ):
         self.cfg = cfg
         self._spawn, self._store, self._frozen_ref = spawn, store, frozen_ref
-        self.worker_nodes = worker_nodes  # the node each slot is planned on (runtime.plan_nodes), or None
+        self.worker_nodes = worker_nodes  # the node each slot is planned on (placement.plan_nodes), or None
         self.replaced = [0] * num_workers  # how many times each slot's worker was replaced
         self.workers = [self._start(i) for i in range(num_workers)]
         self._ready = [w.info.remote() for w in self.workers]  # a worker is live once this answers

@@ -32,7 +32,7 @@ from raymed.data.shards import ShardSet
 from raymed.engine.client_state import ClientStateStore
 from raymed.engine.devices import check_gpu_fit
 from raymed.engine.faults import FaultPlan
-from raymed.engine.runtime import Placement
+from raymed.engine.placement import Placement
 from raymed.engine.telemetry import Telemetry
 from raymed.engine.evaluation import evaluate_global, evaluate_personalised
 from raymed.engine.pool import WorkerPool, assign

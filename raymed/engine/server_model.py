@@ -35,7 +35,8 @@ from raymed.config import ExperimentConfig
 from raymed.experiment import validate_config
 from raymed.data.shards import ShardSet
 from raymed.engine.devices import local_rank_env
-from raymed.engine.runtime import Placement, configure_torch
+from raymed.engine.placement import Placement
+from raymed.engine.runtime import configure_torch
 from raymed.engine.worker import EvalChunk
 from raymed.errors import ResourceError
 from raymed.methods import Weights, build_method

@@ -1,6 +1,6 @@
 """The Tune trainable: one trial runs one whole federation inside the trial's placement group.
 
-Tune reserves the bundles of :func:`~raymed.engine.runtime.federation_bundles` for the trial
+Tune reserves the bundles of :func:`~raymed.engine.placement.federation_bundles` for the trial
 (``tune.with_resources`` with a ``PlacementGroupFactory`` built from the trial's own config, so a
 search over ``clients.num_cpus`` or ``engine.num_workers`` reserves what each trial needs); the
 server, the client-state actor and every client worker are pinned to those bundles, so trials pack
@@ -23,7 +23,7 @@ from ray import tune
 
 from raymed.config import ExperimentConfig
 from raymed.engine.federation import Federation
-from raymed.engine.runtime import Placement, federation_bundles, trial_workers
+from raymed.engine.placement import Placement, federation_bundles, trial_workers
 from raymed.errors import ConfigError
 from raymed.sweep.spec import trial_config
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from raymed.config import ExperimentConfig, save_config
 from raymed.engine.runtime import init_ray
-from raymed.engine.runtime import federation_bundles, trial_workers
+from raymed.engine.placement import federation_bundles, trial_workers
 from raymed.errors import ClientFailure, ResourceError
 from raymed.results.metrics import test_twin
 from raymed.results.selection import Selection
