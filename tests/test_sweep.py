@@ -160,3 +160,16 @@ def test_central_reference_sweeps_like_every_strategy(data_dir, tmp_path, ray_se
     assert len(trials) == 2 and set(trials["status"]) == {"ok"} and trials["val/global/mean/acc"].notna().all()
     best = load_config(folder / "best.yaml")
     assert (best.strategy.name, best.clients.num, best.clients.fraction, best.data.partition) == ("central", 1, 1.0, "iid")
+
+
+def test_a_search_dimension_is_added_replaced_and_removed_from_the_command_line(tmp_path):
+    """``--set search_space.strategy.mu=...`` names one dotted experiment key: it must not be split
+    into nested mappings (``search_space: {strategy: {mu: ...}}``), which no Tune domain reads."""
+    folder = Path(__file__).resolve().parents[1] / "tune_configs"
+    sweep, _ = load_sweep(folder / "fedprox_mu_lr.yaml", ["search_space.strategy.mu={grid: [0.01, 0.1]}", "search_space.clients.lr=", "num_samples=1"])
+    assert sweep.search_space == {"strategy.mu": {"grid": [0.01, 0.1]}}
+    assert sweep.domains() == {"strategy.mu": {"grid_search": [0.01, 0.1]}}
+    added, _ = load_sweep(folder / "fedprox_mu_lr.yaml", ["search_space.clients.fraction={choice: [0.5, 1.0]}"])
+    assert set(added.search_space) == {"strategy.mu", "clients.lr", "clients.fraction"}
+    with pytest.raises(ConfigError, match=r"search_space.clients.lrr = 0.1: unknown key clients.lrr"):
+        load_sweep(folder / "fedprox_mu_lr.yaml", ["search_space.clients.lrr={choice: [0.1]}"])

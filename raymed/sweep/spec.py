@@ -18,6 +18,11 @@ A sweep file::
 Every search-space key is checked against the experiment schema before any trial starts (its
 bounds, or each of its choices, are validated as the experiment's value), so a typo or an
 out-of-range value is one line, not a failed sweep.
+
+``raymed tune SWEEP --set KEY=VALUE`` overrides the sweep file as ``raymed run`` does a config, except
+under ``search_space``, whose keys are whole dotted experiment keys:
+``--set "search_space.strategy.mu={grid: [0.01, 0.1]}"`` adds (or replaces) the ``strategy.mu``
+dimension, and ``--set search_space.clients.lr=`` (no value) removes ``clients.lr``.
 """
 
 from __future__ import annotations
@@ -150,10 +155,33 @@ def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
         set_key(raw, "data.root", str(Path(os.environ["RAYMED_DATA_DIR"]).expanduser().resolve()))
 
 
+SEARCH_SPACE = "search_space."
+
+
+def apply_sweep_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set`` on a sweep file: dotted keys as for an experiment, but a key under ``search_space``
+    stays one dotted experiment key (a dimension); an empty value removes that dimension."""
+    dimensions = [o for o in overrides if o.lstrip().startswith(SEARCH_SPACE)]
+    out = apply_overrides(raw, [o for o in overrides if o not in dimensions])
+    if dimensions and not isinstance(out.setdefault("search_space", {}), dict):
+        raise ConfigError("--set search_space.KEY: the sweep's search_space is not a mapping of dotted keys to domains")
+    for item in dimensions:
+        key, _, text = item.partition("=")
+        dimension = key.strip()[len(SEARCH_SPACE):]
+        if not dimension:
+            raise ConfigError(f"--set {item!r}: name the experiment key, e.g. search_space.clients.lr={{grid: [0.01, 0.1]}}")
+        value = apply_overrides({}, [f"value={text}"])["value"]  # parsed as YAML, as every --set value
+        if value is None:
+            out["search_space"].pop(dimension, None)
+        else:
+            out["search_space"][dimension] = value
+    return out
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
     """Read and check a sweep; returns it and the experiment's raw mapping every trial starts from."""
     path = Path(path)
-    raw = apply_overrides(load_yaml(path), overrides or [])
+    raw = apply_sweep_overrides(load_yaml(path), overrides or [])
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
