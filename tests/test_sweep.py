@@ -43,6 +43,10 @@ def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, 
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 4 and set(trials["status"]) == {"ok"}
     assert sorted(trials["clients.lr"]) == [0.005, 0.05, 0.2, 1.0]
+    rounds = load_sweep(path)[1]["rounds"]
+    for _, trial in trials.iterrows():  # a trial ASHA cut short says so, with its round; the others say nothing
+        stopped = trial["stopped"] if isinstance(trial["stopped"], str) else ""  # CSV: an empty cell reads as NaN
+        assert stopped == (f"asha at round {trial['rounds']}" if trial["rounds"] < rounds else ""), trial.to_dict()
 
     groups = set()
     for trial_dir in trials["path"]:

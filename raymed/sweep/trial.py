@@ -61,6 +61,7 @@ def run_trial(params: dict[str, Any], experiment: dict[str, Any], metric: str, c
             report = {
                 **{k: float(v) for k, v in metrics.items()},
                 "round": r,
+                "stopped_early": float(federation.stopped_early),  # raymed's own early stopping (eval.early_stop_patience), not the scheduler's
                 "run_dir": str(federation.run_dir),
                 "placement_group": ray.get_runtime_context().get_placement_group_id(),
                 "worker_placement_groups": ",".join(sorted({str(w["placement_group"]) for w in info["workers"]})),

@@ -116,12 +116,14 @@ def run_sweep(
         m = result.metrics or {}
         params = {k: result.config.get(k) for k in sweep.search_space}
         selected = Selection.replay(_reports(result), sweep.metric, sweep.mode)
+        rounds, planned = int(m.get("round", 0)), trial_config(experiment, params).rounds
         rows.append(
             {
                 "trial": str(m.get("trial_id") or Path(result.path).name).rsplit("_", 1)[-1],
                 **params,
                 "status": "error" if result.error else "ok",
-                "rounds": int(m.get("round", 0)),
+                "rounds": rounds,
+                "stopped": _stopped(sweep, result, rounds, planned),
                 "selected_round": selected.round,
                 sweep.metric: selected.value if selected.value is not None else float("nan"),
                 test_metric: selected.metrics.get(test_metric, float("nan")),
@@ -148,6 +150,16 @@ def run_sweep(
     return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best}
 
 
+def _stopped(sweep: SweepConfig, result, rounds: int, planned: int) -> str:
+    """Why a trial ended before its last round: the scheduler (ASHA, PBT) or raymed's early
+    stopping, with the round; empty when it ran every round or failed (``status`` says so)."""
+    if result.error or rounds >= planned:
+        return ""
+    if (result.metrics or {}).get("stopped_early"):
+        return f"early stopping at round {rounds}"
+    return f"{sweep.scheduler.name} at round {rounds}"
+
+
 def _reports(result) -> list[dict[str, Any]]:
     """A trial's reports, in order (one per evaluated round)."""
     frame = result.metrics_dataframe
@@ -159,7 +171,7 @@ def _reports(result) -> list[dict[str, Any]]:
 def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, row: pd.Series, folder: Path, best_path: Path) -> None:
     test_metric = test_twin(sweep.metric)
     view = Table(title=f"sweep {sweep.name}: {len(table)} trials, ranked by {sweep.metric} ({sweep.mode}) at each trial's best validation round")
-    shown = ["trial", *sweep.search_space, "status", "rounds", "selected_round", sweep.metric, test_metric, "wall_s"]
+    shown = ["trial", *sweep.search_space, "status", "rounds", "stopped", "selected_round", sweep.metric, test_metric, "wall_s"]
     for col in shown:
         view.add_column(col, overflow="fold")
     order = table.sort_values(sweep.metric, ascending=sweep.mode == "min", na_position="last")
