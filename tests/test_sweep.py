@@ -46,6 +46,7 @@ def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, 
     rounds = load_sweep(path)[1]["rounds"]
     for _, trial in trials.iterrows():  # a trial ASHA cut short says so, with its round; the others say nothing
         stopped = trial["stopped"] if isinstance(trial["stopped"], str) else ""  # CSV: an empty cell reads as NaN
+        assert Path(trial["path"]).name.endswith(f"_lr={trial['clients.lr']:.4g}")  # a trial's folder names what it tried
         assert stopped == (f"asha at round {trial['rounds']}" if trial["rounds"] < rounds else ""), trial.to_dict()
 
     groups = set()

@@ -8,6 +8,7 @@ trial's resolved experiment, runnable with ``raymed run best.yaml``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def run_sweep(
             scheduler=_scheduler(sweep, base.rounds),
             search_alg=_searcher(sweep, base.seed),
             max_concurrent_trials=sweep.max_concurrent_trials,
+            trial_name_creator=_trial_name,  # the progress rows, and the trial's raymed run folder
+            trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
@@ -148,6 +151,14 @@ def run_sweep(
     save_config(best_cfg, best_path)
     _print(console, sweep, table, best_params, best_row, folder, best_path)
     return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best}
+
+
+def _trial_name(trial) -> str:
+    """``<trial id>_<key>=<value>,...`` over the trial's searched hyperparameters (the last part of
+    each dotted key), safe as a folder name: a trial is found by what it tried, not by its id."""
+    params = ",".join(f"{key.rsplit('.', 1)[-1]}={_fmt(value)}" for key, value in sorted(trial.config.items()))
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "-", params).replace("..", "-")
+    return f"{trial.trial_id}_{safe}"[:120]
 
 
 def _stopped(sweep: SweepConfig, result, rounds: int, planned: int) -> str:
