@@ -427,6 +427,28 @@ class RayConfig(Section):
     metrics_export_port: int | None = Field(None, ge=1, le=65535)  # Prometheus metrics of a local Ray; None: a free port
 
 
+class LoggingConfig(Section):
+    """Experiment trackers for every run (:mod:`raymed.results.trackers`); ``logging: [mlflow]`` is
+    short for ``logging: {to: [mlflow]}``."""
+
+    to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    mlflow_uri: str | None = None  # an MLflow tracking URI; None: a SQLite store in the run folder (<run>/mlflow.db)
+    experiment: str = "raymed"  # the MLflow experiment / W&B project the run goes to
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: nothing leaves the machine (wandb sync uploads later)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_to(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return {"to": value} if isinstance(value, list) else value
+
+    @field_validator("to")
+    @classmethod
+    def _once_each(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
+
+
 class ExperimentConfig(Section):
     name: str | None = None
     seed: int = Field(0, ge=0, lt=2**32)  # numpy's and torch's seeds are unsigned 32-bit
@@ -442,6 +464,7 @@ class ExperimentConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Bit-identical reruns on the same machine: torch's deterministic algorithms, a fixed thread count
     # per worker, seeded data order (recorded in meta.json).
     deterministic: bool = False
@@ -615,6 +638,18 @@ def non_finite_values(raw: Any, path: str = "") -> list[tuple[str, float]]:
     if isinstance(raw, (list, tuple)):
         return [hit for i, v in enumerate(raw) for hit in non_finite_values(v, f"{path}[{i}]")]
     return [(path, raw)] if isinstance(raw, float) and not math.isfinite(raw) else []
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": value}`` (lists stay values): a config as tracker parameters."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -29,6 +29,7 @@ from raymed.data.vqa_rad import ORGANS
 from raymed.errors import ConfigError
 from raymed.methods import METHODS
 from raymed.models import MODELS
+from raymed.results.trackers import check_trackers
 from raymed.tasks.registry import run_task
 from raymed.tasks.report import DATASETS as REPORT_DATASETS
 
@@ -66,6 +67,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     if cfg.engine.vectorise and cfg.clients.optimizer != "sgd":
         raise ConfigError(f"engine.vectorise: the vectorised local update is SGD; set clients.optimizer=sgd (got {cfg.clients.optimizer})")
     run_task(cfg.data.task).check(cfg)
+    check_trackers(cfg)
     if cfg.data.mixes_dimensions and not method.mixes_dimensions:
         raise ConfigError(
             f"data.datasets mixes 2D and 3D datasets, which one backbone cannot take under strategy {cfg.strategy.name}; "

@@ -11,6 +11,7 @@
     evaluation/round-NNNN.parquet   per-client personalised metrics (on evaluation rounds)
     reports/round-NNNN.jsonl        report generation: sample generated reports beside their references
     summary.md               the result tables (runs; model x dataset rows, a column per metric, baselines)
+    tensorboard/, mlflow.db, mlartifacts/, wandb/   the trackers of logging.to (:mod:`raymed.results.trackers`)
     summary.json             status (completed / failed: why / interrupted), the round selected on
                              validation and its metrics, the last round's metrics, baselines, wall time
     checkpoint.safetensors   the checkpoint (every engine.checkpoint_every rounds): server state,
@@ -46,6 +47,7 @@ from raymed.provenance import provenance
 from raymed.files import atomic_path, atomic_write
 from raymed.results.report import summary_markdown
 from raymed.results.runs import read_run
+from raymed.results.trackers import Trackers
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
@@ -189,6 +191,17 @@ class RunWriter:
             "provenance": provenance(),
         }
         _atomic_json(self.meta, folder / "meta.json")
+        self._open_trackers(cfg, None)
+
+    def _open_trackers(self, cfg: ExperimentConfig, saved: dict[str, Any] | None) -> None:
+        """The run's trackers (``logging.to``); their run ids go into meta.json for a resume."""
+        try:
+            self.trackers = Trackers(cfg, self.dir, saved)
+        except BaseException:
+            self.lock.release()
+            raise
+        if self.trackers.state:
+            self.add_meta(trackers=self.trackers.state)
 
     @classmethod
     def reopen(cls, cfg: ExperimentConfig, folder: str | Path, meta: dict[str, Any]) -> RunWriter:
@@ -208,6 +221,7 @@ class RunWriter:
         except BaseException:
             self.lock.release()
             raise
+        self._open_trackers(cfg, old.get("trackers"))
         return self
 
     @property
@@ -226,6 +240,7 @@ class RunWriter:
         metrics = result["metrics"]
         self._write_rounds([*self.rounds, metrics])
         self.rounds.append(metrics)  # only once on disk: summary.json's count always agrees with rounds.parquet
+        self.trackers.log(metrics)
         r = int(metrics["round"])
         for part in ("clients", "evaluation"):
             if result.get(part):
@@ -258,6 +273,7 @@ class RunWriter:
         _atomic_json(summary, self.dir / "summary.json")
         if self.rounds:
             self._write_summary_md()
+        self.trackers.finish(status)  # after the summary files: they go to the trackers as artifacts
         self.lock.release()
         return summary
 
