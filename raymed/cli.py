@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     tune = sub.add_parser("tune", help="a Ray Tune sweep: each trial one whole federation (see tune_configs/)")
-    tune.add_argument("sweep", help="sweep YAML, e.g. tune_configs/fedprox_mu_lr.yaml")
+    tune.add_argument("sweep", nargs="?", help="sweep YAML, e.g. tune_configs/fedprox_mu_lr.yaml")
+    tune.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep from its folder (<storage_path>/<name>): finished trials are kept, the others go on")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key, e.g. --set num_samples=4 or --set overrides.rounds=5 (repeatable)")
     tune.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:port (default: start a local Ray)")
     tune.add_argument("--storage-path", help="where Tune writes trials, checkpoints and the best config (default: the sweep's storage_path)")
@@ -242,16 +243,23 @@ def cmd_run(args) -> int:
 
 def cmd_tune(args) -> int:
     from raymed.config import set_key
-    from raymed.sweep import load_sweep, run_sweep
+    from raymed.sweep import load_saved_sweep, load_sweep, run_sweep
 
-    overrides = list(args.overrides)
-    if args.storage_path:
-        overrides.append(f"storage_path={args.storage_path}")
-    sweep, experiment = load_sweep(args.sweep, overrides)
+    if args.resume:
+        if args.sweep or args.overrides or args.storage_path:
+            raise ConfigError("raymed tune --resume DIR continues the sweep saved in DIR as it was: give no sweep file, --set or --storage-path")
+        sweep, experiment = load_saved_sweep(args.resume)
+    elif args.sweep:
+        overrides = list(args.overrides)
+        if args.storage_path:
+            overrides.append(f"storage_path={args.storage_path}")
+        sweep, experiment = load_sweep(args.sweep, overrides)
+    else:
+        raise ConfigError("raymed tune: give a sweep file (e.g. tune_configs/fedprox_mu_lr.yaml) or --resume DIR")
     if args.address:
         set_key(experiment, "ray.address", args.address)
-    run_sweep(sweep, experiment, console, verbose=0 if args.quiet else 1)
-    return 0
+    done = run_sweep(sweep, experiment, console, verbose=0 if args.quiet else 1, resume=bool(args.resume))
+    return 130 if done["interrupted"] else 0
 
 
 def cmd_report(args) -> int:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from raymed.experiment import load_config
 from raymed.engine import Federation, run_experiment
 from raymed.engine.placement import federation_bundles
 from raymed.errors import ConfigError
+from raymed.results.report import _run_labels, run_folders
 from raymed.results.runs import read_run
 from raymed.sweep import load_sweep
 from tests.conftest import small_config
@@ -72,6 +77,9 @@ def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, 
         at = results.loc[results["val/global/mean/acc"].idxmax()]
         assert row["selected_round"] == at["round"] and row["global/mean/acc"] == pytest.approx(at["global/mean/acc"])
     assert "best config" in capsys.readouterr().out
+    # raymed report on the sweep's folder names each trial by what it tried
+    runs = [read_run(p) for p in run_folders([folder])]
+    assert sorted(_run_labels(runs)) == ["fedavg lr=0.005", "fedavg lr=0.05", "fedavg lr=0.2", "fedavg lr=1"]
     # ... and it runs as an experiment of its own.
     rerun = read_run(run_experiment(best.model_copy(update={"rounds": 1, "output_dir": str(tmp_path / "rerun")})))
     assert rerun["summary"]["status"] == "completed"
@@ -178,3 +186,81 @@ def test_a_search_dimension_is_added_replaced_and_removed_from_the_command_line(
     assert set(added.search_space) == {"strategy.mu", "clients.lr", "clients.fraction"}
     with pytest.raises(ConfigError, match=r"search_space.clients.lrr = 0.1: unknown key clients.lrr"):
         load_sweep(folder / "fedprox_mu_lr.yaml", ["search_space.clients.lrr={choice: [0.1]}"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_and_runs_only_the_unfinished_trials(data_dir, tmp_path, ray_session, capsys, monkeypatch):
+    """Ctrl-C on ``raymed tune`` (a real process, its own Ray) after the first trial finished, then
+    ``raymed tune --resume DIR``: the finished trial is not run again, the others finish."""
+    experiment = small_config(data_dir, tmp_path, "clients.num_cpus=0.5", "rounds=3", "data.max_train_per_dataset=90",
+                              "data.max_test_per_dataset=40", "ray.num_cpus=2").to_dict()
+    path = _sweep_file(tmp_path, data_dir, name="resumable", experiment=experiment, scheduler={"name": "fifo"}, max_concurrent_trials=1,
+                       checkpoint_every=1, search_space={"clients.lr": {"grid": [0.01, 0.05, 0.2]}})
+    folder = tmp_path / "tune" / "resumable"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from raymed.cli import main; sys.exit(main(sys.argv[1:]))", "tune", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finished_trials() -> list[Path]:
+        done = []
+        for result in folder.glob("*/result.json"):
+            lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+            if lines and lines[-1].get("round") == 3:
+                done.append(result.parent)
+        return done
+
+    deadline = time.time() + 600
+    while not finished_trials() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the sweep ended before it could be interrupted: {proc.communicate()[0][-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"raymed tune --resume {folder}" in out.replace("\n", "")
+    finished = {trial: (trial / "result.json").read_text() for trial in finished_trials()}
+    interrupted = pd.read_csv(folder / "trials.csv")
+    assert 1 <= len(finished) < 3 and (interrupted["status"] == "unfinished").sum() == 3 - len(finished)
+
+    monkeypatch.delenv("RAYMED_DEBUG", raising=False)  # the one-line errors, as a user sees them
+    assert main(["tune", "--resume", str(tmp_path / "tune")]) == 2
+    assert "--resume" in (err := capsys.readouterr().err) and "not a sweep folder (no sweep.yaml)" in err
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    assert "is a sweep file, not the state raymed tune saved" in capsys.readouterr().err
+    assert main(["tune", "--resume", str(folder), "--quiet"]) == 0
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 3 and set(trials["status"]) == {"ok"} and (trials["rounds"] == 3).all()
+    assert sorted(trials["clients.lr"]) == [0.01, 0.05, 0.2]
+    for trial, before in finished.items():  # a finished trial was not run again
+        assert (trial / "result.json").read_text() == before
+        assert len(list((trial / "raymed").iterdir())) == 1
+    assert (folder / "best.yaml").is_file()
+
+
+def test_select_compares_trials_at_their_best_or_their_last_validation_round(data_dir, tmp_path):
+    from raymed.sweep.tuner import _selected
+
+    reports = [{"round": 1, "val/global/mean/acc": 0.8, "global/mean/acc": 0.75}, {"round": 2, "val/global/mean/acc": 0.7, "global/mean/acc": 0.72}]
+    best, _ = load_sweep(_sweep_file(tmp_path, data_dir))
+    last, _ = load_sweep(_sweep_file(tmp_path, data_dir, select="last"))
+    assert (_selected(best, reports).round, _selected(best, reports).value) == (1, 0.8)
+    assert (_selected(last, reports).round, _selected(last, reports).value) == (2, 0.7)
+    with pytest.raises(ConfigError, match="select"):
+        load_sweep(_sweep_file(tmp_path, data_dir, select="first"))
+
+
+def test_runs_are_labelled_by_the_hyperparameters_that_differ():
+    def run(**config):
+        base = {"name": "x", "output_dir": "somewhere", "seed": 0, "strategy": {"name": "fedprox", "mu": 0.1}, "clients": {"lr": 0.05}, "server": {"lr": 1.0}}
+        for key, value in config.items():
+            node = base
+            *parents, leaf = key.split("__")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return {"config": base, "meta": {}}
+
+    assert _run_labels([run(), run(strategy__name="fedavg")]) == ["fedprox", "fedavg"]
+    assert _run_labels([run(strategy__mu=0.01, output_dir="a"), run(strategy__mu=1.0, output_dir="b")]) == ["fedprox mu=0.01", "fedprox mu=1"]
+    assert _run_labels([run(seed=0), run(seed=1)]) == ["fedprox seed=0", "fedprox seed=1"]
+    # two keys with one last part: the whole dotted keys
+    assert _run_labels([run(), run(clients__lr=0.1, server__lr=0.5)]) == ["fedprox clients.lr=0.05,server.lr=1", "fedprox clients.lr=0.1,server.lr=0.5"]
+    assert _run_labels([run(), run()]) == ["fedprox #1", "fedprox #2"]

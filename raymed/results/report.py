@@ -11,6 +11,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from raymed.config import flatten
 from raymed.errors import RaymedError
 from raymed.results.baselines import at_or_below
 from raymed.results.metrics import is_validation, val_twin
@@ -26,9 +27,9 @@ _OTHER_PRIMARY = {"psnr", "ssim", "bleu4", "mae", "c_index"}  # shown whenever p
 BELOW = "▼"  # marks a value at or below its baseline
 
 
-def _label(run: dict[str, Any]) -> str:
-    synthetic = " [SYNTHETIC DATA]" if run["meta"].get("synthetic") else ""
-    return f"{run['dir'].name}{synthetic}"
+def _plot_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """The legend's names: as the table's (:func:`_run_labels`), synthetic data said."""
+    return [label + (" [SYNTHETIC DATA]" if run["meta"].get("synthetic") else "") for label, run in zip(_run_labels(runs), runs)]
 
 
 def _metric_columns(runs: list[dict[str, Any]], names: tuple[str, ...] = DEFAULT_METRICS) -> list[str]:
@@ -82,14 +83,36 @@ def baselines_of(run: dict[str, Any]) -> dict[str, float]:
     return run["summary"].get("baseline_metrics") or run["meta"].get("baseline_metrics") or {}
 
 
+# Config keys that differ between runs without being what was compared (where a run was written).
+_NOT_COMPARED = ("name", "output_dir", "data.cache_dir", "data.root", "logging.")
+
+
+def _differing_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The dotted config keys whose values differ between ``runs`` (a sweep: what its trials tried)."""
+    flat = [flatten(r["config"]) for r in runs]
+    keys = sorted(set().union(*flat))
+    return [k for k in keys if not k.startswith(_NOT_COMPARED) and len({repr(f.get(k)) for f in flat}) > 1]
+
+
 def _run_labels(runs: list[dict[str, Any]]) -> list[str]:
-    """Short names of runs in a table: the strategy, with the seed (or a number) when two share it."""
+    """Short names of runs in a table and a plot: the strategy; when two share it, the hyperparameters
+    that differ between the runs (a sweep's trials: ``fedprox lr=0.05,mu=0.1``; runs of several
+    seeds: ``fedavg seed=1``), each by its last dotted part unless two share it; else a number."""
     names = [r["config"]["strategy"]["name"] for r in runs]
-    seeded = [f"{n} s{r['config'].get('seed', 0)}" for n, r in zip(names, runs)]
-    for candidate in (names, seeded):
-        if len(set(candidate)) == len(candidate):
-            return candidate
-    return [f"{n} #{i + 1}" for i, n in enumerate(seeded)]
+    if len(set(names)) == len(names):
+        return names
+    differing = [k for k in _differing_keys(runs) if k != "strategy.name"]
+    leaves = [k.rsplit(".", 1)[-1] for k in differing]
+    shown = leaves if len(set(leaves)) == len(leaves) else differing
+    flat = [flatten(r["config"]) for r in runs]
+    labels = [" ".join([n, ",".join(f"{short}={_value(f.get(k))}" for short, k in zip(shown, differing))]).strip() for n, f in zip(names, flat)]
+    if differing and len(set(labels)) == len(labels):
+        return labels
+    return [f"{n} #{i + 1}" for i, n in enumerate(labels)]
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _split_metric(metric: str) -> tuple[str, str, str]:
@@ -215,12 +238,13 @@ def plot_runs(runs: list[dict[str, Any]], path: str | Path, metrics: tuple[str, 
     cols = min(3, len(columns))
     rows = math.ceil(len(columns) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    labels = _plot_labels(runs)
     for ax, metric in zip(axes.flat, columns):
-        for run in runs:
+        for run, label in zip(runs, labels):
             df = run["rounds"]
             if metric in df:
                 points = df[["round", metric]].dropna()
-                line = ax.plot(points["round"], points[metric], marker=".", label=_label(run))[0]
+                line = ax.plot(points["round"], points[metric], marker=".", label=label)[0]
                 selected = selection_of(run).round
                 if selected is not None and selected in set(points["round"]):
                     ax.plot([selected], points.loc[points["round"] == selected, metric], marker="*", markersize=11, color=line.get_color())

@@ -6,7 +6,7 @@ evaluation; ``tuner`` builds the ``ray.tune.Tuner``, runs it and writes the tria
 config as a runnable experiment YAML.
 """
 
-from raymed.sweep.spec import SweepConfig, load_sweep
+from raymed.sweep.spec import SweepConfig, load_saved_sweep, load_sweep
 from raymed.sweep.tuner import run_sweep
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep"]
+__all__ = ["SweepConfig", "load_saved_sweep", "load_sweep", "run_sweep"]

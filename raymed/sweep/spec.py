@@ -32,11 +32,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 
 from raymed.config import ExperimentConfig, Section, apply_overrides, default_config_path, format_error, load_yaml, set_key
 from raymed.errors import ConfigError
+from raymed.files import atomic_write
 from raymed.experiment import validate_config
 from raymed.results.metrics import is_validation, val_twin
 
@@ -84,6 +86,8 @@ class SweepConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     storage_path: str = "tune_results"
+    # How a trial is compared with the others: by its best validation round (best) or its last (last).
+    select: Literal["best", "last"] = "best"
     checkpoint_every: int = Field(0, ge=0)  # rounds between trial checkpoints (0: only the last; pbt: every report)
 
     @field_validator("search_space")
@@ -211,6 +215,33 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if sweep.checkpoint_every == 0 and sweep.scheduler.name == "pbt":
         sweep.checkpoint_every = 1  # PBT copies the state of good trials into bad ones at each report
     return sweep, experiment
+
+
+SWEEP_FILE = "sweep.yaml"
+
+
+def save_sweep(folder: Path, sweep: SweepConfig, experiment: dict[str, Any]) -> None:
+    """``<folder>/sweep.yaml``: the sweep and the experiment its trials start from, as resolved
+    (paths absolute), so that ``raymed tune --resume <folder>`` needs nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / SWEEP_FILE, yaml.safe_dump({"sweep": sweep.model_dump(mode="json"), "experiment": experiment}, sort_keys=False))
+
+
+def load_saved_sweep(folder: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep saved in ``folder`` by :func:`save_sweep`, with its folder as its storage (the
+    folder may have moved since)."""
+    folder = Path(folder).expanduser().resolve()
+    path = folder / SWEEP_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume {folder}: not a sweep folder (no {SWEEP_FILE}); give the folder raymed tune wrote, <storage_path>/<name>")
+    saved = load_yaml(path)
+    if not isinstance(saved, dict) or "sweep" not in saved or "experiment" not in saved:
+        raise ConfigError(f"--resume {folder}: {path} is a sweep file, not the state raymed tune saved; give the sweep's folder, <storage_path>/<name>")
+    try:
+        sweep = SweepConfig.model_validate({**saved["sweep"], "storage_path": str(folder.parent), "name": folder.name})
+    except (ValidationError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a sweep file raymed wrote ({type(err).__name__}); start the sweep again") from None
+    return sweep, saved["experiment"]
 
 
 def trial_config(experiment: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:

@@ -2,7 +2,8 @@
 
 Outputs, under ``<storage_path>/<name>/``: Tune's own files (one folder per trial with
 ``result.json``, ``progress.csv``, TensorBoard event files, checkpoints and the trial's raymed run
-folder under ``raymed/``), plus ``trials.csv`` (one row per trial) and ``best.yaml`` (the best
+folder under ``raymed/``), plus ``sweep.yaml`` (the sweep and its experiment as resolved: what
+``raymed tune --resume`` reads), ``trials.csv`` (one row per trial) and ``best.yaml`` (the best
 trial's resolved experiment, runnable with ``raymed run best.yaml``).
 """
 
@@ -24,7 +25,7 @@ from raymed.engine.placement import federation_bundles, trial_workers
 from raymed.errors import ClientFailure, ResourceError
 from raymed.results.metrics import test_twin
 from raymed.results.selection import Selection
-from raymed.sweep.spec import SweepConfig, probe_values, trial_config
+from raymed.sweep.spec import SweepConfig, probe_values, save_sweep, trial_config
 from raymed.sweep.trial import run_trial, trial_resources
 
 
@@ -76,57 +77,74 @@ def _searcher(sweep: SweepConfig, seed: int):
 
 
 def run_sweep(
-    sweep: SweepConfig, experiment: dict[str, Any], console: Console | None = None, verbose: int = 1
+    sweep: SweepConfig, experiment: dict[str, Any], console: Console | None = None, verbose: int = 1, resume: bool = False
 ) -> dict[str, Any]:
-    """Run every trial; returns the sweep folder, the trials table, the best trial and its config path."""
+    """Run every trial (``resume``: continue the sweep in its folder with ``Tuner.restore``: finished
+    trials stay as they are, unfinished ones go on from their last checkpoint); returns the sweep
+    folder, the trials table, the best trial and its config path (``interrupted`` when it was stopped)."""
     console = console or Console()
     base: ExperimentConfig = trial_config(experiment, {})
     init_ray(base.ray)
     check_trials_fit(sweep, experiment, ray.cluster_resources())
     storage = Path(sweep.storage_path).expanduser().resolve()
+    folder = storage / sweep.name
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=experiment, metric=sweep.metric, checkpoint_every=sweep.checkpoint_every),
         trial_resources(experiment),
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=sweep.domains(),
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            num_samples=sweep.num_samples,
-            scheduler=_scheduler(sweep, base.rounds),
-            search_alg=_searcher(sweep, base.seed),
-            max_concurrent_trials=sweep.max_concurrent_trials,
-            trial_name_creator=_trial_name,  # the progress rows, and the trial's raymed run folder
-            trial_dirname_creator=_trial_name,
-        ),
-        run_config=tune.RunConfig(
-            name=sweep.name,
-            storage_path=str(storage),
-            verbose=verbose,
-            # PBT restores a trial from another trial's older checkpoint: keep them all (they are small).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.name == "pbt" else 2),
-            sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' raymed run folders
-        ),
-    )
+    if resume:
+        # Errored trials are resumed too (a killed node is an error to Tune): from their last checkpoint.
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True, param_space=sweep.domains())
+    else:
+        save_sweep(folder, sweep, experiment)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.domains(),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                scheduler=_scheduler(sweep, base.rounds),
+                search_alg=_searcher(sweep, base.seed),
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                trial_name_creator=_trial_name,  # the progress rows, and the trial's raymed run folder
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=str(storage),
+                verbose=verbose,
+                # PBT restores a trial from another trial's older checkpoint: keep them all (they are small).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.name == "pbt" else 2),
+                sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' raymed run folders
+            ),
+        )
     results = tuner.fit()
-    folder = storage / sweep.name
+    return _summarise(sweep, experiment, results, folder, console)
 
+
+def _summarise(sweep: SweepConfig, experiment: dict[str, Any], results, folder: Path, console: Console) -> dict[str, Any]:
+    """trials.csv, best.yaml and the printed table; an interrupted sweep gets the table of what
+    finished and the line that continues it."""
     test_metric = test_twin(sweep.metric)
+    # Each trial's status as the sweep's saved state has it (what --resume would continue): after
+    # Ctrl-C, Tune's trials in memory read TERMINATED while the saved ones are PENDING or RUNNING.
+    saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(folder)).trials}
     rows = []
-    for result in results:
+    for trial in results._experiment_analysis.trials:  # a Result has no status, and no config before it reports
+        result = results._trial_to_result(trial)
         m = result.metrics or {}
-        params = {k: result.config.get(k) for k in sweep.search_space}
-        selected = Selection.replay(_reports(result), sweep.metric, sweep.mode)
+        params = {k: trial.config.get(k) for k in sweep.search_space}
+        selected = _selected(sweep, _reports(result))
         rounds, planned = int(m.get("round", 0)), trial_config(experiment, params).rounds
+        status = saved.get(trial.trial_id, trial.status)
         rows.append(
             {
                 "trial": str(m.get("trial_id") or Path(result.path).name).rsplit("_", 1)[-1],
                 **params,
-                "status": "error" if result.error else "ok",
+                "status": "error" if result.error else "ok" if status == "TERMINATED" else "unfinished",
                 "rounds": rounds,
-                "stopped": _stopped(sweep, result, rounds, planned),
+                "stopped": _stopped(sweep, result, rounds, planned) if status == "TERMINATED" else "",
                 "selected_round": selected.round,
                 sweep.metric: selected.value if selected.value is not None else float("nan"),
                 test_metric: selected.metrics.get(test_metric, float("nan")),
@@ -136,13 +154,19 @@ def run_sweep(
         )
     table = pd.DataFrame(rows)
     table.to_csv(folder / "trials.csv", index=False)
+    unfinished = int((table["status"] == "unfinished").sum()) if len(table) else 0
+    if unfinished:
+        _print_table(console, sweep, table)
+        console.print(f"interrupted: {unfinished} of {len(table)} trials unfinished; continue with: raymed tune --resume {folder}", soft_wrap=True)
+        return {"folder": folder, "trials": table, "interrupted": True}
 
     ok = [r for r in results if not r.error and r.metrics and sweep.metric in r.metrics]
     if not ok:
         errors = "; ".join(str(r.error).strip().splitlines()[-1] for r in results if r.error)[:500]
         raise ClientFailure(f"no trial of sweep {sweep.name} reported {sweep.metric}: {errors}; see {folder}")
-    # The best trial is the one whose best validation round is best: selection never reads a test metric.
-    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all", filter_nan_and_inf=True)
+    # The best trial is the one whose selected validation round is best (select: best: its best round;
+    # last: its last round): selection never reads a test metric.
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all" if sweep.select == "best" else "last", filter_nan_and_inf=True)
     best_params = {k: best.config[k] for k in sweep.search_space}
     best_row = table.loc[table["path"] == best.path].iloc[0]
     best_cfg = trial_config(experiment, best_params)
@@ -150,7 +174,15 @@ def run_sweep(
     best_path = folder / "best.yaml"
     save_config(best_cfg, best_path)
     _print(console, sweep, table, best_params, best_row, folder, best_path)
-    return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best}
+    return {"folder": folder, "trials": table, "best_params": best_params, "best_config": best_path, "best": best, "interrupted": False}
+
+
+def _selected(sweep: SweepConfig, reports: list[dict[str, Any]]) -> Selection:
+    """The trial's round the sweep compares it by: its best validation round, or its last one."""
+    reports = [r for r in reports if "round" in r]  # a trial that never reported has none
+    if sweep.select == "last":
+        reports = reports[-1:]
+    return Selection.replay(reports, sweep.metric, sweep.mode)
 
 
 def _trial_name(trial) -> str:
@@ -179,9 +211,10 @@ def _reports(result) -> list[dict[str, Any]]:
     return frame.to_dict("records")
 
 
-def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, row: pd.Series, folder: Path, best_path: Path) -> None:
+def _print_table(console: Console, sweep: SweepConfig, table: pd.DataFrame) -> None:
     test_metric = test_twin(sweep.metric)
-    view = Table(title=f"sweep {sweep.name}: {len(table)} trials, ranked by {sweep.metric} ({sweep.mode}) at each trial's best validation round")
+    at = "best validation round" if sweep.select == "best" else "last round"
+    view = Table(title=f"sweep {sweep.name}: {len(table)} trials, ranked by {sweep.metric} ({sweep.mode}) at each trial's {at}")
     shown = ["trial", *sweep.search_space, "status", "rounds", "stopped", "selected_round", sweep.metric, test_metric, "wall_s"]
     for col in shown:
         view.add_column(col, overflow="fold")
@@ -189,6 +222,11 @@ def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict
     for _, r in order.iterrows():
         view.add_row(*[_fmt(r[c]) for c in shown])
     console.print(view)
+
+
+def _print(console: Console, sweep: SweepConfig, table: pd.DataFrame, best: dict, row: pd.Series, folder: Path, best_path: Path) -> None:
+    test_metric = test_twin(sweep.metric)
+    _print_table(console, sweep, table)
     console.print(
         f"best: {', '.join(f'{k}={_fmt(v)}' for k, v in best.items())} → {sweep.metric} {row[sweep.metric]:.4f} at round "
         f"{_fmt(row['selected_round'])}; test there: {test_metric} {_fmt(row[test_metric])}"
