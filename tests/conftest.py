@@ -85,6 +85,7 @@ def small_config(data_dir: Path, tmp_path: Path, *overrides: str) -> ExperimentC
                     "weight_decay": 0.0, "lr_schedule": "constant"},
         "eval": {"every": 1},
         "ray": {"dashboard": False},
+        "model": {"name": "cnn"},  # the backbone the engine tests were written against (the schema's default is cnn_bn)
     }
     return validate_config(apply_overrides(raw, list(overrides)))
 

@@ -149,13 +149,14 @@ def test_run_help_lists_every_shipped_config_with_its_description_and_raymed_deb
 
 def test_a_minimal_yaml_trains_with_the_embedded_default_recipe(tmp_path):
     """One set of defaults: a YAML with only the datasets and the strategy gets the embedded
-    default's training recipe; the default file sets only its data, partition and pace."""
+    default's training recipe; the default file sets only its data, partition, pace and backbone
+    (cnn: its three modalities would share BatchNorm statistics; the schema's default is cnn_bn)."""
     from raymed.experiment import load_config
 
     path = tmp_path / "mine.yaml"
     path.write_text("data:\n  datasets: [breastmnist, pneumoniamnist, retinamnist]\nstrategy:\n  name: fedavg\n")
     mine, default = load_config(path).to_dict(), load_config(None).to_dict()
-    demo = {"data": {"datasets", "download", "partition", "alpha"}, "clients": {"num", "fraction"}, "eval": {"every"}}
+    demo = {"data": {"datasets", "download", "partition", "alpha"}, "clients": {"num", "fraction"}, "eval": {"every"}, "model": {"name"}}
     for section in ("clients", "model", "strategy", "data", "task", "server", "engine", "eval"):
         keep = lambda d: {k: v for k, v in d.items() if k not in demo.get(section, set())}  # noqa: E731
         assert keep(mine[section]) == keep(default[section]), section

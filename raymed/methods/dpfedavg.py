@@ -102,7 +102,8 @@ from raymed.methods.vectorised import local_sgd_many, subtract
 from raymed.models import FedModel
 
 # Backbones local DP-SGD is tested on: Opacus's backward hooks forbid in-place changes of a hooked
-# layer's output, which torchvision's residual blocks make (``out += identity``).
+# layer's output, which torchvision's residual blocks make (``out += identity``); the normalised CNNs
+# (BatchNorm made GroupNorm) carry dropout, which the per-example check cannot replay: not tested.
 LOCAL_DP_MODELS = ("cnn", "cnn_large")
 NOISE_SALT = 0xD9F  # separates the server's noise stream from the other (seed, round) streams
 STATE_PREFIX = "dpsgd/"  # client state keys: dpsgd/<dataset> -> rows (σ, q, steps)
@@ -303,9 +304,10 @@ class DPFedAvg(FedAvg):
         if cfg.clients.local_steps is not None:
             raise ConfigError("strategy dpfedavg accounts privacy per local epoch (Poisson-sampled passes): set clients.local_steps=null (the default is 20 steps) and use clients.local_epochs")
         if self.params.local_noise_multiplier > 0 and cfg.model.name not in LOCAL_DP_MODELS:
+            why = "adds residuals in place, which Opacus's hooks forbid" if cfg.model.name.startswith("resnet") else "is not tested with it"
             raise ConfigError(
                 f"strategy.local_noise_multiplier: local DP-SGD (Opacus per-example gradients) runs on model.name {' or '.join(LOCAL_DP_MODELS)}; "
-                f"{cfg.model.name} adds residuals in place, which Opacus's hooks forbid (client-level DP alone works with it)"
+                f"{cfg.model.name} {why}: set model.name=cnn (client-level DP alone works with {cfg.model.name})"
             )
         given = self.params.model_dump()
         for key, value in resolved_values(cfg).items():
