@@ -42,7 +42,8 @@ def _sweep_file(tmp_path: Path, data_dir: Path, **changes) -> Path:
 
 
 def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, tmp_path, ray_session, capsys):
-    path = _sweep_file(tmp_path, data_dir)
+    tracked = small_config(data_dir, tmp_path, "clients.num_cpus=0.5", "logging=[mlflow]").to_dict()
+    path = _sweep_file(tmp_path, data_dir, experiment=tracked)
     assert main(["tune", str(path), "--quiet"]) == 0
     folder = tmp_path / "tune" / "lr-asha"
     trials = pd.read_csv(folder / "trials.csv")
@@ -66,6 +67,19 @@ def test_asha_sweep_of_real_federations_writes_a_runnable_best_config(data_dir, 
         run = read_run(next((Path(trial_dir) / "raymed").iterdir()))  # the trial's raymed run folder, synced
         assert run["rounds"]["round"].max() == last["round"]
     assert len(groups) == 4  # one placement group per trial
+
+    # logging: [mlflow] in a sweep: one MLflow run per trial, from Ray's MLflowLoggerCallback, in one
+    # store in the sweep's folder; the trials' own run folders hold no second copy
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lr-asha").experiment_id])
+    assert sorted(float(r.data.params["clients.lr"]) for r in runs) == [0.005, 0.05, 0.2, 1.0]
+    for run in runs:
+        trial = trials.loc[trials["clients.lr"] == float(run.data.params["clients.lr"])].iloc[0]
+        history = client.get_metric_history(run.info.run_id, "val/global/mean/acc")
+        assert len(history) == trial["rounds"], run.data.params
+    assert not list(folder.glob("*/raymed/*/mlflow.db"))
 
     # The best trial is the one with the best validation metric (at its best validation round); its
     # test metric at that round is reported beside it, never used to choose.

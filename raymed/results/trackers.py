@@ -16,7 +16,8 @@ evaluated or trained round) and ``finish`` (the run folder's summary files as ar
 - **wandb**: one W&B run in project ``logging.experiment``, ``logging.wandb_mode`` offline unless set
   to online (``wandb sync <run>/wandb/offline-run-*`` uploads it later).
 
-MLflow and W&B are optional extras (``pip install raymed[mlflow]``, ``raymed[wandb]``); a run that
+A sweep's trials log MLflow and W&B through Ray's Tune callbacks instead, into one store
+(:func:`raymed.sweep.tuner._tracker_callbacks`). MLflow and W&B are optional extras (``pip install raymed[mlflow]``, ``raymed[wandb]``); a run that
 asks for one that is missing is refused before it starts, in one line. A tracker that fails during a
 run (a tracking server that went away) is logged once and dropped: the run and its folder go on.
 """

@@ -9,6 +9,7 @@ trial's resolved experiment, runnable with ``raymed run best.yaml``).
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
-from raymed.config import ExperimentConfig, save_config
+from raymed.config import ExperimentConfig, save_config, set_key
 from raymed.engine.runtime import init_ray
 from raymed.engine.placement import federation_bundles, trial_workers
 from raymed.errors import ClientFailure, ResourceError
@@ -88,9 +89,12 @@ def run_sweep(
     check_trials_fit(sweep, experiment, ray.cluster_resources())
     storage = Path(sweep.storage_path).expanduser().resolve()
     folder = storage / sweep.name
+    callbacks, per_trial = _tracker_callbacks(sweep, base, folder)
+    trial_experiment = copy.deepcopy(experiment)
+    set_key(trial_experiment, "logging.to", per_trial)  # what the callbacks log, the trials do not log again
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, experiment=experiment, metric=sweep.metric, checkpoint_every=sweep.checkpoint_every),
-        trial_resources(experiment),
+        tune.with_parameters(run_trial, experiment=trial_experiment, metric=sweep.metric, checkpoint_every=sweep.checkpoint_every),
+        trial_resources(trial_experiment),
     )
     if resume:
         # Errored trials are resumed too (a killed node is an error to Tune): from their last checkpoint.
@@ -117,6 +121,7 @@ def run_sweep(
                 # PBT restores a trial from another trial's older checkpoint: keep them all (they are small).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.name == "pbt" else 2),
                 sync_config=tune.SyncConfig(sync_artifacts=True),  # the trials' raymed run folders
+                callbacks=callbacks,
             ),
         )
     results = tuner.fit()
@@ -183,6 +188,24 @@ def _selected(sweep: SweepConfig, reports: list[dict[str, Any]]) -> Selection:
     if sweep.select == "last":
         reports = reports[-1:]
     return Selection.replay(reports, sweep.metric, sweep.mode)
+
+
+def _tracker_callbacks(sweep: SweepConfig, base: ExperimentConfig, folder: Path) -> tuple[list[Any], list[str]]:
+    """The experiment's ``logging.to`` for a sweep: MLflow and W&B through Ray's own Tune callbacks,
+    from the driver, one tracker run per trial in one store (MLflow: ``<sweep>/mlflow.db`` unless
+    ``logging.mlflow_uri``; experiment / W&B group: the sweep's name); TensorBoard stays with each
+    trial (Tune writes its event files too). Returns the callbacks and what the trials still log."""
+    callbacks: list[Any] = []
+    if "mlflow" in base.logging.to:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        uri = base.logging.mlflow_uri or f"sqlite:///{folder / 'mlflow.db'}"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=sweep.name, tags={"raymed.sweep": str(folder)}))
+    if "wandb" in base.logging.to:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=base.logging.experiment, group=sweep.name, mode=base.logging.wandb_mode))
+    return callbacks, [name for name in base.logging.to if name == "tensorboard"]
 
 
 def _trial_name(trial) -> str:
