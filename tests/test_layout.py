@@ -149,3 +149,16 @@ def test_the_walker_sees_function_local_imports_and_skips_type_checking_blocks(t
 def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_readme_contents_lists_every_section_with_a_working_anchor():
+    """README's Contents: one line per ## / ### heading, in order, each linking to GitHub's anchor."""
+    import re
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    headings = [(len(h), t) for h, t in re.findall(r"^(##|###) (.+)$", text, re.M) if t != "Contents"]
+    contents = text.split("## Contents\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^( *)- \[(.+)\]\(#(.+)\)$", contents, re.M)
+    assert [(2 if not indent else 3, title) for indent, title, _ in listed] == headings
+    for _, title, anchor in listed:
+        assert anchor == re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"), title
