@@ -27,8 +27,9 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from raymed.config import ExperimentConfig, flatten
 from raymed.errors import ConfigError
@@ -62,23 +63,20 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class Tracker:
-    """One tracker of one run. ``state`` (JSON) goes into meta.json, so a resumed run continues the
-    tracker's own run instead of opening a second one."""
+class Tracker(Protocol):
+    """One tracker of one run. ``start`` returns its state (JSON), kept in meta.json, so that a
+    resumed run continues the tracker's own run instead of opening a second one."""
 
-    name = ""
+    name: str
 
-    def start(self, cfg: ExperimentConfig, folder: Path, state: dict[str, Any] | None) -> dict[str, Any]:
-        raise NotImplementedError
+    def start(self, cfg: ExperimentConfig, folder: Path, state: dict[str, Any] | None) -> dict[str, Any]: ...
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        raise NotImplementedError
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def finish(self, status: str, folder: Path) -> None:
-        raise NotImplementedError
+    def finish(self, status: str, folder: Path) -> None: ...
 
 
-class TensorBoard(Tracker):
+class TensorBoard:
     name = "tensorboard"
 
     def start(self, cfg, folder, state):
@@ -99,7 +97,7 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
-class MLflow(Tracker):
+class MLflow:
     name = "mlflow"
 
     def start(self, cfg, folder, state):
@@ -129,8 +127,6 @@ class MLflow(Tracker):
     def log(self, step, metrics):
         from mlflow.entities import Metric
 
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         for i in range(0, len(batch), 1000):
@@ -143,7 +139,7 @@ class MLflow(Tracker):
         self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED" if status.startswith("failed") else "KILLED")
 
 
-class WandB(Tracker):
+class WandB:
     name = "wandb"
 
     def start(self, cfg, folder, state):
@@ -166,7 +162,7 @@ class WandB(Tracker):
         self.run.finish(exit_code=0 if status == "completed" else 1)
 
 
-TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoard, MLflow, WandB)}
+TRACKERS: dict[str, type] = {t.name: t for t in (TensorBoard, MLflow, WandB)}
 
 
 class Trackers:
@@ -180,7 +176,7 @@ class Trackers:
             tracker = TRACKERS[name]()
             try:
                 self.state[name] = tracker.start(cfg, folder, (saved or {}).get(name))
-            except ImportError:
+            except ImportError:  # check_trackers ran at validation; a config built around it lands here
                 raise ConfigError(f"logging.to lists {name}, but its package is not installed: pip install '{PACKAGES[name][1]}'") from None
             except Exception as exc:  # a tracker must never cost the run
                 logger.warning("logging.to: %s could not start (%s: %s); the run goes on without it", name, type(exc).__name__, exc)
